@@ -1,0 +1,203 @@
+"""Labelled image folders, splits, and the train / eval transform presets.
+
+Transforms are built only from a checkpoint's ``preprocessing`` dict, so the
+numbers that normalise an image live in one place: the model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from .images import ImageDecodeError, decode_image, find_images
+
+
+class DataFolderError(ValueError):
+    """A data folder cannot be used for training or evaluation."""
+
+
+@dataclass(frozen=True)
+class LabelledFolder:
+    """A folder with one sub-folder per class: ``samples`` are (path, class index)."""
+
+    root: Path
+    classes: list[str]
+    samples: list[tuple[Path, int]]
+
+    def counts(self) -> dict[str, int]:
+        """Number of images per class, in class order."""
+        out = {c: 0 for c in self.classes}
+        for _, y in self.samples:
+            out[self.classes[y]] += 1
+        return out
+
+
+def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -> LabelledFolder:
+    """List a labelled folder: each immediate sub-folder is a class (sorted by name).
+
+    ``classes`` fixes the class order (a model's labels); sub-folders must then be
+    a subset of it.  A folder with fewer than two classes, or a class folder with
+    no images, is refused with a message.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataFolderError(f"{root}: not a folder")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes is None:
+        classes = found
+        if len(classes) < 2:
+            raise DataFolderError(
+                f"{root}: found {len(classes)} class folder(s) {found}; a classifier needs "
+                "at least two, one sub-folder per class (e.g. dalle/ human/ other_ai/)"
+            )
+    else:
+        unknown = [c for c in found if c not in classes]
+        if unknown:
+            raise DataFolderError(
+                f"{root}: class folder(s) {unknown} are not among the model's labels {list(classes)}"
+            )
+        if not found:
+            raise DataFolderError(f"{root}: no class folders (expected some of {list(classes)})")
+    samples: list[tuple[Path, int]] = []
+    for idx, name in enumerate(classes):
+        if name not in found:
+            continue
+        files = list(find_images([root / name]))
+        if not files:
+            raise DataFolderError(f"{root / name}: class folder '{name}' has no images")
+        samples.extend((f, idx) for f in files)
+    return LabelledFolder(root, list(classes), samples)
+
+
+def stratified_split(
+    folder: LabelledFolder, val_fraction: float, seed: int
+) -> tuple[LabelledFolder, LabelledFolder]:
+    """Split a folder's samples into train and val, stratified by class, seeded."""
+    from sklearn.model_selection import train_test_split
+
+    labels = [y for _, y in folder.samples]
+    try:
+        train, val = train_test_split(
+            folder.samples, test_size=val_fraction, random_state=seed, stratify=labels
+        )
+    except ValueError as err:
+        raise DataFolderError(f"{folder.root}: cannot split for validation: {err}") from None
+    return (
+        LabelledFolder(folder.root, folder.classes, sorted(train)),
+        LabelledFolder(folder.root, folder.classes, sorted(val)),
+    )
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def default_preprocessing(mean: Sequence[float], std: Sequence[float], size: int = 224) -> dict:
+    """The seed's preprocessing: resize the shorter side, centre crop, normalise."""
+    return {
+        "resize": size,
+        "crop": size,
+        "interpolation": "bilinear",
+        "mean": list(mean),
+        "std": list(std),
+    }
+
+
+def _base(pre: dict) -> list:
+    return [
+        T.ToImage(),
+        T.Resize(pre["resize"], interpolation=InterpolationMode(pre["interpolation"]), antialias=True),
+        T.CenterCrop(pre["crop"]),
+    ]
+
+
+def _normalise(pre: dict) -> list:
+    return [T.ToDtype(torch.float32, scale=True), T.Normalize(pre["mean"], pre["std"])]
+
+
+def eval_transform(pre: dict) -> T.Compose:
+    """PIL RGB image -> (3, crop, crop) float tensor, as the model expects at inference."""
+    return T.Compose(_base(pre) + _normalise(pre))
+
+
+def train_transform(pre: dict, augment: dict) -> T.Compose:
+    """The eval transform with the seed's augmentation (flips, rotation, colour jitter) added.
+
+    ``augment`` keys: ``flip`` (bool), ``rotation`` (degrees), ``color_jitter``
+    (brightness/contrast/saturation strength; 0 turns it off).
+    """
+    aug = []
+    if augment.get("flip"):
+        aug.append(T.RandomHorizontalFlip())
+    if augment.get("rotation"):
+        aug.append(T.RandomRotation(augment["rotation"]))
+    if augment.get("color_jitter"):
+        s = augment["color_jitter"]
+        aug.append(T.ColorJitter(brightness=s, contrast=s, saturation=s))
+    return T.Compose(_base(pre) + aug + _normalise(pre))
+
+
+# ---------------------------------------------------------------- datasets
+
+
+class ImageDataset(Dataset):
+    """Decodes ``items`` (paths or PIL images) through :func:`decode_image` and ``transform``.
+
+    Each item gives ``(index, tensor or None, label, error or None)``: a file that
+    cannot be decoded is reported, not raised, so the rest of a batch goes on.
+    """
+
+    def __init__(self, items: Sequence, transform, labels: Sequence[int] | None = None):
+        self.items = list(items)
+        self.transform = transform
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        label = -1 if self.labels is None else self.labels[i]
+        try:
+            image = item if hasattr(item, "mode") else decode_image(item)
+            return i, self.transform(image), label, None
+        except ImageDecodeError as err:
+            return i, None, label, str(err)
+
+
+def collate(batch):
+    """Stack the decodable items; keep (index, error) for the rest.
+
+    Returns ``(indices (B,), images (B, 3, H, W) or None, labels (B,), failures)``.
+    """
+    good = [b for b in batch if b[1] is not None]
+    failures = [(b[0], b[3]) for b in batch if b[1] is None]
+    if not good:
+        return torch.empty(0, dtype=torch.long), None, torch.empty(0, dtype=torch.long), failures
+    idx = torch.tensor([b[0] for b in good])
+    images = torch.stack([b[1] for b in good])
+    labels = torch.tensor([b[2] for b in good])
+    return idx, images, labels, failures
+
+
+def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int | None = None,
+           seed: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader that decodes in worker processes while the model runs."""
+    if num_workers is None:
+        num_workers = min(2, os.cpu_count() or 1) if len(dataset) > batch_size else 0
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate,
+        generator=generator,
+        persistent_workers=False,
+    )

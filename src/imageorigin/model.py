@@ -1,0 +1,244 @@
+"""Classifier = backbone + linear head; self-describing checkpoints; the seed's .pth layout.
+
+Checkpoint format (``.safetensors``): tensors ``head.*`` always, ``backbone.*``
+unless the backbone is a frozen registry backbone with its verified ImageNet
+weights (then it is rebuilt from the registry, keeping the file small).  The
+safetensors metadata key ``imageorigin`` holds JSON: backbone name and weight
+source, labels, display names, the human label, preprocessing, threshold, and
+``info`` (training settings, data counts, measured metrics).  Nothing is
+unpickled when a checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import backbones
+from .data import default_preprocessing, eval_transform
+from .fileio import atomic_path
+
+FORMAT = "imageorigin/1"
+
+# The seed model card's classes, in its output order.
+SEED_LABELS = ["dalle", "human", "other_ai"]
+DISPLAY_NAMES = {
+    "dalle": "DALL-E generated",
+    "human": "Human-created",
+    "other_ai": "Other AI-generated",
+}
+
+
+class CheckpointError(ValueError):
+    """A model file cannot be loaded; the message names the file and the reason."""
+
+
+class Classifier(nn.Module):
+    """A backbone producing (B, D) features and a linear head producing (B, C) logits.
+
+    Attributes that travel with the checkpoint: ``labels``, ``display_names``,
+    ``human_label``, ``preprocessing`` (see :func:`imageorigin.data.eval_transform`),
+    ``threshold`` and ``info``.
+    """
+
+    def __init__(
+        self,
+        backbone: backbones.Backbone,
+        labels: Sequence[str],
+        *,
+        backbone_weights: str = "imagenet",
+        display_names: dict[str, str] | None = None,
+        human_label: str | None = "human",
+        preprocessing: dict | None = None,
+        threshold: float | None = None,
+        info: dict | None = None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.dim, len(labels))
+        self.labels = list(labels)
+        self.backbone_weights = str(backbone_weights)
+        self.frozen = True
+        self.display_names = {l: (display_names or DISPLAY_NAMES).get(l, l) for l in self.labels}
+        self.human_label = human_label if human_label in self.labels else None
+        spec = backbones.get_spec(backbone.name)
+        self.preprocessing = preprocessing or default_preprocessing(spec.mean, spec.std, spec.size)
+        self.threshold = threshold
+        self.info = dict(info or {})
+        self.transform = eval_transform(self.preprocessing)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, C) logits."""
+        return self.head(self.backbone(x))
+
+    def train(self, mode: bool = True) -> "Classifier":
+        """Like nn.Module.train, but a frozen backbone always stays in eval mode.
+
+        Its BatchNorm running statistics would otherwise drift during head
+        training even though no weight is updated.
+        """
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    @property
+    def human_index(self) -> int | None:
+        """Index of the human-created class, or None if the model has none."""
+        return None if self.human_label is None else self.labels.index(self.human_label)
+
+    def describe(self) -> dict:
+        """The JSON metadata stored in a checkpoint."""
+        return {
+            "format": FORMAT,
+            "backbone": {
+                "name": self.backbone.name,
+                "weights": self.backbone_weights,
+                "source": backbones.get_spec(self.backbone.name).weights_source
+                if self.backbone_weights == "imagenet"
+                else "stored in this checkpoint",
+            },
+            "labels": self.labels,
+            "display_names": self.display_names,
+            "human_label": self.human_label,
+            "preprocessing": self.preprocessing,
+            "threshold": self.threshold,
+            "info": self.info,
+        }
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def _stores_backbone(model: Classifier) -> bool:
+    return not (model.frozen and model.backbone_weights == "imagenet")
+
+
+def save(model: Classifier, path: str | os.PathLike) -> Path:
+    """Write ``model`` as a self-describing ``.safetensors`` checkpoint, atomically."""
+    meta = model.describe()
+    tensors = {f"head.{k}": v for k, v in model.head.state_dict().items()}
+    if _stores_backbone(model):
+        meta["backbone"]["weights"] = "checkpoint"
+        meta["backbone"]["source"] = "stored in this checkpoint"
+        tensors.update({f"backbone.{k}": v for k, v in model.backbone.state_dict().items()})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"imageorigin": json.dumps(meta)})
+    return Path(path)
+
+
+def default_model_path() -> Path:
+    """The checkpoint shipped inside the package (``load("default")``)."""
+    return Path(str(resources.files("imageorigin") / "models" / "default.safetensors"))
+
+
+def load(model: str | os.PathLike = "default") -> Classifier:
+    """Load a model: ``"default"``, an imageorigin ``.safetensors`` checkpoint, or a
+    seed-format ``.pth`` (a torchvision DenseNet121 state dict with a 3-way classifier).
+
+    The returned model is in eval mode.  Raises CheckpointError naming the file.
+    """
+    path = default_model_path() if str(model) == "default" else Path(model)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such model file")
+    clf = _load_safetensors(path) if _is_safetensors(path) else _load_seed(path)
+    return clf.eval()
+
+
+def _is_safetensors(path: Path) -> bool:
+    # safetensors: an 8-byte little-endian header length, then a JSON header.
+    with path.open("rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 0 < n <= path.stat().st_size - 8
+
+
+def _load_safetensors(path: Path) -> Classifier:
+    try:
+
+        with safe_open(str(path), framework="pt") as f:
+            meta_json = (f.metadata() or {}).get("imageorigin")
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a safetensors or .pth model file ({err})") from None
+    if meta_json is None:
+        raise CheckpointError(f"{path}: safetensors file without imageorigin metadata")
+    meta = json.loads(meta_json)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r}")
+    stored = meta["backbone"]["weights"] == "checkpoint"
+    try:
+        backbone = backbones.build_backbone(meta["backbone"]["name"], "random" if stored else "imagenet")
+    except backbones.BackboneWeightsError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    clf = Classifier(
+        backbone,
+        meta["labels"],
+        backbone_weights=meta["backbone"]["weights"],
+        display_names=meta.get("display_names"),
+        human_label=meta.get("human_label"),
+        preprocessing=meta["preprocessing"],
+        threshold=meta.get("threshold"),
+        info=meta.get("info"),
+    )
+    clf.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    if stored:
+        clf.backbone.load_state_dict(
+            {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}
+        )
+    return clf
+
+
+def _load_seed(path: Path) -> Classifier:
+    """The seed card's ``densenet_finetuned_dense.pth`` and the variants people make of it."""
+    try:
+        state = backbones.normalise_state_dict(backbones.load_state_dict_file(path))
+    except backbones.BackboneWeightsError as err:
+        raise CheckpointError(str(err)) from None
+    weight = state.get("classifier.weight")
+    if weight is None or weight.ndim != 2 or weight.shape[1] != backbones.get_spec("densenet121").dim:
+        raise CheckpointError(
+            f"{path}: not a seed-format DenseNet121 state dict (expected 'classifier.weight' "
+            f"of shape (n_classes, 1024), found {None if weight is None else tuple(weight.shape)})"
+        )
+    n = weight.shape[0]
+    labels = SEED_LABELS if n == len(SEED_LABELS) else [f"class_{i}" for i in range(n)]
+    clf = Classifier(
+        backbones.build_backbone("densenet121", "random"),
+        labels,
+        backbone_weights="checkpoint",
+        info={"imported_from": str(path), "origin": "seed .pth (torchvision densenet121 state dict)"},
+    )
+    try:
+        clf.backbone.features.load_state_dict(
+            {k[9:]: v for k, v in state.items() if k.startswith("features.")}
+        )
+        clf.head.load_state_dict({"weight": weight, "bias": state["classifier.bias"]})
+    except (RuntimeError, KeyError) as err:
+        raise CheckpointError(f"{path}: does not fit DenseNet121: {err}") from None
+    return clf
+
+
+def export_seed(model: Classifier, path: str | os.PathLike) -> Path:
+    """Write a DenseNet121 model in the seed's layout: a plain torchvision state dict."""
+    if model.backbone.name != "densenet121":
+        raise CheckpointError(
+            f"the seed's .pth layout is a torchvision densenet121; this model's backbone is "
+            f"{model.backbone.name}"
+        )
+    state = {f"features.{k}": v for k, v in model.backbone.features.state_dict().items()}
+    state.update({f"classifier.{k}": v for k, v in model.head.state_dict().items()})
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, tmp)
+    return Path(path)

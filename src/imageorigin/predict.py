@@ -1,0 +1,80 @@
+"""The one inference function: images in, class probabilities out.
+
+The CLI, evaluation and the Python API all call :func:`predict`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Union
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .data import ImageDataset, loader
+from .model import Classifier
+
+Item = Union[str, os.PathLike, Image.Image]
+
+
+@dataclass
+class Prediction:
+    """One image's result.  ``error`` is set (and ``label`` None) when it could not be read."""
+
+    path: str
+    label: str | None = None
+    probs: dict[str, float] = field(default_factory=dict)
+    p_ai: float | None = None
+    error: str | None = None
+
+    def row(self, labels: list[str]) -> dict:
+        """Flat record: path, label, p_<label> per class, p_ai, error."""
+        out = {"path": self.path, "label": self.label}
+        out.update({f"p_{l}": self.probs.get(l) for l in labels})
+        out["p_ai"] = self.p_ai
+        out["error"] = self.error
+        return out
+
+
+@torch.inference_mode()
+def predict(
+    model: Classifier,
+    items: Iterable[Item],
+    *,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> Iterator[Prediction]:
+    """Classify image files or PIL images; yields one Prediction per item, in order.
+
+    Files are decoded by :func:`imageorigin.images.decode_image` in worker
+    processes while the model runs; a file that cannot be decoded gives a
+    Prediction with ``error`` set, and the rest go on.  ``p_ai`` is
+    ``1 - p(human)`` for models that have a human class.
+    """
+    items = list(items)
+    names = [f"<image {i}>" if isinstance(x, Image.Image) else str(x) for i, x in enumerate(items)]
+    model.eval()
+    dl = loader(ImageDataset(items, model.transform), batch_size, num_workers=num_workers)
+    human = model.human_index
+    pending: dict[int, Prediction] = {}
+    next_out = 0
+    with tqdm(total=len(items), unit="img", disable=not progress, leave=False) as bar:
+        for idx, images, _, failures in dl:
+            for i, err in failures:
+                pending[i] = Prediction(names[i], error=err)
+            if images is not None:
+                probs = torch.softmax(model(images).float(), dim=1)  # (B, C)
+                for i, p in zip(idx.tolist(), probs.tolist()):
+                    pending[i] = Prediction(
+                        names[i],
+                        label=model.labels[max(range(len(p)), key=p.__getitem__)],
+                        probs=dict(zip(model.labels, p)),
+                        p_ai=None if human is None else 1.0 - p[human],
+                    )
+            bar.update(len(failures) + (0 if images is None else len(images)))
+            while next_out in pending:  # the loader keeps order; this is cheap insurance
+                yield pending.pop(next_out)
+                next_out += 1

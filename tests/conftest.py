@@ -1,0 +1,50 @@
+"""Shared fixtures: real images from ../shared (override with IMAGEORIGIN_SHARED)."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("IMAGEORIGIN_SHARED", REPO.parent / "shared"))
+BENCH = SHARED / "dh3-bench"
+RAW = SHARED / "raw-samples"
+
+
+def pytest_configure(config):
+    if not (BENCH / "manifest.csv").is_file() or not (RAW / "manifest.csv").is_file():
+        raise pytest.UsageError(
+            f"test data not found under {SHARED}: put the shared folder beside the repository "
+            "or set IMAGEORIGIN_SHARED"
+        )
+
+
+@pytest.fixture(scope="session")
+def bench() -> Path:
+    return BENCH
+
+
+@pytest.fixture(scope="session")
+def raw() -> Path:
+    return RAW
+
+
+@pytest.fixture(scope="session")
+def raw_files(raw) -> list[Path]:
+    return sorted(p for p in raw.rglob("*") if p.is_file() and p.name != "manifest.csv")
+
+
+@pytest.fixture
+def small_folder(tmp_path, bench):
+    """A labelled folder with ``n`` real bench images per class (copied into tmp)."""
+
+    def make(n: int = 6, classes=("dalle", "human", "other_ai"), view="resized/train") -> Path:
+        root = tmp_path / f"data_{n}_{len(classes)}"
+        for c in classes:
+            (root / c).mkdir(parents=True)
+            for f in sorted((bench / view / c).iterdir())[:n]:
+                shutil.copy(f, root / c / f.name)
+        return root
+
+    return make
