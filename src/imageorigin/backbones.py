@@ -20,6 +20,8 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
+from .runtime import tune_allocator
+
 # ImageNet statistics: the preprocessing every registered backbone was trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -164,6 +166,7 @@ def build_backbone(name: str, weights: str | os.PathLike = "imagenet") -> Backbo
     keys are used, the classifier is ignored) or a checkpoint dict wrapping one.
     """
     spec = get_spec(name)
+    tune_allocator()  # every model goes through here before its first forward pass
     features = spec.build_features()
     if weights == "imagenet":
         spec.load_imagenet(features)
@@ -214,7 +217,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
 # DenseNet files saved before torchvision 0.3 name layers "norm.1"/"conv.1";
 # torchvision remaps them with this same pattern when it loads its own weights.
 _LEGACY_DENSENET = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
 )
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 

@@ -226,7 +226,7 @@ def _load_seed(path: Path) -> Classifier:
         )
         clf.head.load_state_dict({"weight": weight, "bias": state["classifier.bias"]})
     except (RuntimeError, KeyError) as err:
-        raise CheckpointError(f"{path}: does not fit DenseNet121: {err}") from None
+        raise CheckpointError(f"{path}: does not fit DenseNet121: {str(err)[:500]}") from None
     return clf
 
 

@@ -178,7 +178,7 @@ def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = N
         f"{model.preprocessing['crop']}, ImageNet mean {model.preprocessing['mean']} / std "
         f"{model.preprocessing['std']}.",
         f"- **Training data**: `{t.get('data_dir')}` ({counts(t.get('train_counts'))}).",
-        f"- **Validation data**: `{t.get('val_dir')}`" if t.get("val_dir")
+        f"- **Validation data**: `{t.get('val_dir')}` ({counts(t.get('val_counts'))})." if t.get("val_dir")
         else f"- **Validation data**: {t.get('val_split')} of the training folder.",
         f"- **Wall-clock training time**: {t.get('wall_seconds')} s on {t.get('machine')}.",
         "---",
@@ -194,8 +194,9 @@ def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = N
         "---",
         "## **Model Output Samples**",
         "![Model Output Samples](val/gallery.png)",
-        "Predictions on validation images; red titles are mistakes. "
-        "Confusion matrix: ![Confusion matrix](val/confusion_matrix.png)",
+        "Predictions on validation images; red titles are mistakes.",
+        "",
+        "![Confusion matrix](val/confusion_matrix.png)",
         "---",
         "## **Model Architecture**",
         f"- **Feature Extractor**: {model.backbone.name} with frozen layers (kept in eval mode, so "
@@ -223,4 +224,7 @@ def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = N
         "- [MobileNetV2: Inverted Residuals and Linear Bottlenecks](https://arxiv.org/abs/1801.04381)",
         "",
     ]
-    return write_text(path, "\n".join(lines))
+    # Blank lines around the rules after the front matter (its first 5 lines): a
+    # "---" right under text would turn that text into a heading.
+    body = ["\n---\n" if line == "---" else line for line in lines[5:]]
+    return write_text(path, "\n".join(lines[:5] + body))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -142,9 +143,7 @@ def train(
         history.append(row)
         msg = (f"epoch {epoch:>2}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
                f"acc {row['train_accuracy']:.3f}  val loss {val_loss:.4f} acc {val_acc:.3f}")
-        if progress:
-            tqdm.write(msg)
-        log.info(msg)
+        tqdm.write(msg, file=sys.stderr)  # per-epoch figures, even with the bars off
         model.info = _info(cfg, train_set, val_set, val_dir, history, sorted(skipped))
         # Saved every epoch, atomically: an interrupted run keeps its last full epoch.
         save(model, out / "model.safetensors")

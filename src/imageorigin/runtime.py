@@ -1,0 +1,35 @@
+"""Process-wide settings that make CPU inference fast.
+
+PyTorch's CPU forward pass allocates and frees tens of MB per layer.  glibc
+serves blocks that large with mmap and hands them back to the kernel at once,
+so every layer of every batch page-faults its memory in again: measured here,
+500k minor faults per MobileNetV2 batch of 32 and half the CPU time spent in
+the kernel.  Keeping those blocks on the heap (no mmap below 1 GiB, no trim
+below 1 GiB free) makes the same forward pass 2-3x faster for a few hundred MB
+more resident memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import platform
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_ONE_GIB = 1 << 30
+
+
+@functools.cache
+def tune_allocator() -> bool:
+    """Keep large freed blocks on the heap (glibc only).  Returns whether it applied."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _ONE_GIB)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, _ONE_GIB)
+        )
+    except (OSError, AttributeError):
+        return False

@@ -1,0 +1,77 @@
+"""What a user sees from `imageorigin predict`, `info` and `export`."""
+
+import csv
+import io
+import json
+import shutil
+
+import pytest
+
+import imageorigin
+from imageorigin.cli import main
+
+COLUMNS = ["path", "label", "p_dalle", "p_human", "p_other_ai", "p_ai", "error"]
+
+
+def test_predict_table_on_the_raw_samples(raw, capsys):
+    assert main(["predict", str(raw), "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == COLUMNS[:-1] + ["error"]
+    assert len(lines) == 16  # header + 15 images, folders searched recursively
+    for line in lines[1:]:
+        cells = line.split()
+        assert cells[1] in ("dalle", "human", "other_ai")
+        probs = [float(c) for c in cells[2:5]]
+        assert sum(probs) == pytest.approx(1, abs=2e-4)
+        assert float(cells[5]) == pytest.approx(1 - probs[1], abs=2e-4)
+
+
+def test_bad_file_gets_an_error_row_and_the_batch_goes_on(raw, tmp_path, capsys):
+    shutil.copytree(raw / "other_ai", tmp_path / "imgs")
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "pred.csv"
+    code = main(["predict", str(tmp_path / "imgs"), "--format", "csv", "--out", str(out), "--quiet"])
+    assert code == 1
+    assert "1 of 4 files could not be read" in capsys.readouterr().err
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == COLUMNS and len(rows) == 4
+    bad = [r for r in rows if r["path"].endswith("broken.png")][0]
+    assert "broken.png" in bad["error"] and bad["label"] == "" and bad["p_ai"] == ""
+    good = [r for r in rows if r is not bad]
+    assert all(r["error"] == "" and r["label"] for r in good)
+
+
+def test_jsonl_matches_the_python_api(raw, capsys):
+    files = sorted((raw / "dalle").iterdir())
+    assert main(["predict", *map(str, files), "--format", "jsonl", "--quiet"]) == 0
+    rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    api = list(imageorigin.predict(imageorigin.load(), files))
+    assert [r["path"] for r in rows] == [str(f) for f in files]
+    for r, p in zip(rows, api):
+        assert r["label"] == p.label and r["p_ai"] == pytest.approx(p.p_ai, abs=1e-6)
+        assert r["error"] is None
+
+
+def test_predict_accepts_pil_images(raw):
+    img = imageorigin.decode_image(raw / "human/bsds500__real_photo__test_65084.jpg")
+    by_path, by_image = imageorigin.predict(
+        imageorigin.load(), [raw / "human/bsds500__real_photo__test_65084.jpg", img]
+    )
+    assert by_image.path == "<image 1>"
+    assert by_image.probs == pytest.approx(by_path.probs, abs=1e-6)
+
+
+def test_missing_model_is_a_message_not_a_traceback(raw, tmp_path, capsys):
+    assert main(["predict", "--model", str(tmp_path / "nope.safetensors"), str(raw)]) == 2
+    err = capsys.readouterr().err
+    assert "nope.safetensors: no such model file" in err and "Traceback" not in err
+
+
+def test_info_and_export(capsys, tmp_path):
+    assert main(["info"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["labels"] == ["dalle", "human", "other_ai"]
+    # the default is a MobileNetV2: it has no seed (.pth DenseNet121) layout
+    assert main(["export", "default", str(tmp_path / "x.pth")]) == 2
+    assert "densenet121" in capsys.readouterr().err
+    assert not (tmp_path / "x.pth").exists()

@@ -1,0 +1,155 @@
+"""Checkpoints: the seed's .pth and its variants, our safetensors format, export."""
+
+import pickle
+
+import pytest
+import torch
+import torchvision
+from safetensors import safe_open
+
+import imageorigin
+from imageorigin.model import CheckpointError, SEED_LABELS
+
+
+@pytest.fixture(scope="module")
+def seed_net():
+    """A torchvision DenseNet121 with the seed's Linear(1024, 3) head, random weights."""
+    torch.manual_seed(1)
+    net = torchvision.models.densenet121(weights=None)
+    net.classifier = torch.nn.Linear(1024, 3)
+    # random BatchNorm statistics, so a wrong mapping of any buffer shows up
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def images(raw):
+    return [
+        raw / "dalle/eudoxia0_gallery_of_sand__dalle2__timon__pollock__6.jpg",
+        raw / "human/debian_wesnoth_art__human_painting_portrait_rgba__portrait__monsters__gryphon.png",
+        raw / "other_ai/dcsan_imagen__latent_diffusion__woman-coffeeshop-working-her-laptop-53010207__ldif-9.png",
+    ]
+
+
+def _reference(net, model, paths):
+    """torchvision's own forward pass on the checkpoint's preprocessing of each file."""
+    x = torch.stack([model.transform(imageorigin.decode_image(p)) for p in paths])
+    with torch.no_grad():
+        return torch.softmax(net(x), 1)
+
+
+def _probs(preds, labels):
+    return torch.tensor([[p.probs[l] for l in labels] for p in preds])
+
+
+def test_seed_file_matches_torchvision_forward(seed_net, images, tmp_path):
+    path = tmp_path / "densenet_finetuned_dense.pth"
+    torch.save(seed_net.state_dict(), path)
+    model = imageorigin.load(path)
+    assert model.labels == SEED_LABELS and model.backbone.name == "densenet121"
+    preds = list(imageorigin.predict(model, images))
+    ref = _reference(seed_net, model, images)
+    assert torch.allclose(_probs(preds, model.labels), ref, atol=1e-5)
+
+    # save in our format, load again, same answers
+    imageorigin.save(model, tmp_path / "seed.safetensors")
+    again = imageorigin.load(tmp_path / "seed.safetensors")
+    assert again.describe()["backbone"]["weights"] == "checkpoint"
+    assert torch.allclose(_probs(imageorigin.predict(again, images), again.labels), ref, atol=1e-5)
+
+    # export back to the seed's layout: torchvision loads it strictly
+    imageorigin.export_seed(again, tmp_path / "exported.pth")
+    net = torchvision.models.densenet121(weights=None)
+    net.classifier = torch.nn.Linear(1024, 3)
+    net.load_state_dict(torch.load(tmp_path / "exported.pth", weights_only=True), strict=True)
+    assert torch.allclose(_reference(net.eval(), again, images), ref, atol=1e-5)
+
+
+def _legacy(state):
+    # keys as saved by torchvision < 0.3: denselayer1.norm.1.weight
+    out = {}
+    for k, v in state.items():
+        for part in ("norm1", "norm2", "relu1", "relu2", "conv1", "conv2"):
+            k = k.replace(f".{part}.", f".{part[:-1]}.{part[-1]}.")
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        lambda s: {f"module.{k}": v for k, v in s.items()},  # DataParallel
+        _legacy,
+        lambda s: {"epoch": 15, "state_dict": s},
+        lambda s: {"model_state_dict": {f"module.{k}": v for k, v in s.items()}, "loss": 0.0552},
+    ],
+    ids=["dataparallel", "legacy-keys", "wrapped", "wrapped-dataparallel"],
+)
+def test_seed_variants_load(seed_net, images, tmp_path, variant):
+    state = variant(seed_net.state_dict())
+    if variant is _legacy:
+        assert any(".norm.1." in k for k in state)
+    torch.save(state, tmp_path / "v.pth")
+    model = imageorigin.load(tmp_path / "v.pth")
+    ref = _reference(seed_net, model, images[:1])
+    assert torch.allclose(_probs(imageorigin.predict(model, images[:1]), model.labels), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [0, 1, 2])
+def test_seed_class_order_is_honoured(seed_net, images, tmp_path, cls):
+    state = seed_net.state_dict()
+    state["classifier.weight"] = torch.zeros(3, 1024)
+    bias = torch.zeros(3)
+    bias[cls] = 10.0
+    state["classifier.bias"] = bias
+    torch.save(state, tmp_path / "biased.pth")
+    preds = list(imageorigin.predict(imageorigin.load(tmp_path / "biased.pth"), images))
+    assert {p.label for p in preds} == {SEED_LABELS[cls]}
+    if SEED_LABELS[cls] == "human":
+        assert all(p.p_ai < 0.01 for p in preds)
+    else:
+        assert all(p.p_ai > 0.99 for p in preds)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this would have run code",))
+
+
+def test_pickled_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    torch.save({"classifier.weight": torch.zeros(3, 1024), "payload": Evil()}, path)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        imageorigin.load(path)
+    assert "would have run code" not in capsys.readouterr().out
+
+
+def test_not_a_model_file(tmp_path):
+    (tmp_path / "notes.pth").write_text("hello")
+    with pytest.raises(CheckpointError, match="notes.pth"):
+        imageorigin.load(tmp_path / "notes.pth")
+    with pytest.raises(CheckpointError, match="no such model file"):
+        imageorigin.load(tmp_path / "missing.safetensors")
+    torch.save({"fc.weight": torch.zeros(3, 512)}, tmp_path / "resnet.pth")
+    with pytest.raises(CheckpointError, match="not a seed-format DenseNet121"):
+        imageorigin.load(tmp_path / "resnet.pth")
+
+
+def test_default_model_is_self_describing():
+    model = imageorigin.load("default")
+    meta = model.describe()
+    assert meta["labels"] == ["dalle", "human", "other_ai"]
+    assert meta["backbone"] == {
+        "name": "mobilenet_v2",
+        "weights": "imagenet",
+        "source": imageorigin.backbones.get_spec("mobilenet_v2").weights_source,
+    }
+    assert meta["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    assert meta["info"]["training"]["epochs"] == 15
+    assert 0.5 < meta["info"]["metrics"]["val_accuracy"] <= 1
+    # a frozen registry backbone is rebuilt from its verified weights: only the head is stored
+    with safe_open(str(imageorigin.model.default_model_path()), "pt") as f:
+        assert sorted(f.keys()) == ["head.bias", "head.weight"]
