@@ -1,7 +1,6 @@
 """What a user sees from `imageorigin predict`, `info` and `export`."""
 
 import csv
-import io
 import json
 import shutil
 
@@ -10,7 +9,7 @@ import pytest
 import imageorigin
 from imageorigin.cli import main
 
-COLUMNS = ["path", "label", "p_dalle", "p_human", "p_other_ai", "p_ai", "error"]
+COLUMNS = ["path", "label", "p_dalle", "p_human", "p_other_ai", "p_ai", "is_ai", "error"]
 
 
 def test_predict_table_on_the_raw_samples(raw, capsys):

@@ -1,6 +1,5 @@
 """Decoding: every real-world image kind becomes RGB; every bad file raises ImageDecodeError."""
 
-import io
 
 import numpy as np
 import pytest

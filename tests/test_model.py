@@ -1,6 +1,5 @@
 """Checkpoints: the seed's .pth and its variants, our safetensors format, export."""
 
-import pickle
 
 import pytest
 import torch

@@ -12,6 +12,7 @@ from dataclasses import fields
 from typing import Iterable, TextIO
 
 from . import backbones
+from .crossval import crossval, to_markdown
 from .data import DataFolderError
 from .evaluate import evaluate
 from .fileio import atomic_path
@@ -47,33 +48,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
-    d = TrainConfig()
     t = sub.add_parser("train", help="train the seed's recipe on a folder with one sub-folder per class")
-    t.add_argument("data_dir", metavar="DATA_DIR")
+    t.add_argument("data_dir", metavar="DATA_DIR", nargs="+",
+                   help="one or more folders with one sub-folder per class (e.g. two views)")
     t.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for the checkpoint, plots and card")
-    t.add_argument("--val", metavar="DIR", help="validation folder (default: a stratified split of DATA_DIR)")
-    t.add_argument("--backbone", default=d.backbone, choices=sorted(backbones.REGISTRY))
-    t.add_argument("--weights", default=d.weights,
-                   help="backbone weights: 'imagenet', 'random' or a state dict file (default: %(default)s)")
-    t.add_argument("--epochs", type=int, default=d.epochs)
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
-    t.add_argument("--lr", type=float, default=d.lr)
-    t.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--no-flip", dest="flip", action="store_false", help="turn random horizontal flips off")
-    t.add_argument("--rotation", type=float, default=d.rotation, help="max random rotation in degrees (0: off)")
-    t.add_argument("--color-jitter", type=float, default=d.color_jitter,
-                   help="brightness/contrast/saturation jitter strength (0: off)")
-    t.add_argument("--image-size", type=int, default=d.image_size)
-    t.add_argument("--workers", dest="num_workers", type=int, default=None,
-                   help="decoding worker processes (default: up to 2)")
+    t.add_argument("--val", metavar="DIR", nargs="+",
+                   help="validation folder(s) (default: a stratified split of DATA_DIR)")
+    t.add_argument("--manifest", metavar="CSV",
+                   help="CSV with path, source, licence columns: training sources in the card")
+    _add_train_options(t)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
+
+    c = sub.add_parser("crossval", help="leave-one-source-out: train without each source, test on it")
+    c.add_argument("data_dir", metavar="DATA_DIR", nargs="+", help="training folder(s), class sub-folders")
+    c.add_argument("--manifest", required=True, metavar="CSV", help="CSV with path and source columns")
+    c.add_argument("--reference", metavar="DIR", nargs="+",
+                   help="folder(s) whose images of the other kind complete each test set "
+                        "(default: a seeded 20%% split of DATA_DIR)")
+    c.add_argument("--source", dest="sources", action="append", metavar="NAME",
+                   help="only this held-out source (repeatable; default: every source)")
+    c.add_argument("--out", required=True, metavar="DIR")
+    _add_train_options(c)
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=_crossval)
 
     e = sub.add_parser("evaluate", help="metrics, confusion matrix and sample predictions on a labelled folder")
     e.add_argument("model", metavar="MODEL", help="checkpoint path or 'default'")
     e.add_argument("data_dir", metavar="DATA_DIR")
     e.add_argument("--out", required=True, metavar="DIR")
+    e.add_argument("--manifest", metavar="CSV",
+                   help="CSV with path and source columns: adds per-source figures")
+    e.add_argument("--no-robustness", dest="robustness", action="store_false",
+                   help="skip the JPEG / downscale / blur sweep (8 more passes over the data)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--workers", dest="num_workers", type=int, default=None)
     e.add_argument("--quiet", action="store_true")
@@ -97,27 +104,81 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print a model's labels, preprocessing, settings and metrics")
     i.add_argument("model", metavar="MODEL", nargs="?", default="default")
     i.set_defaults(func=_info)
+
+    a = sub.add_parser("audit", help="per-class formats, sizes, metadata, shortcut warnings and duplicates")
+    a.add_argument("data_dir", metavar="DATA_DIR", help="class sub-folders, or train/ val/ ... each with them")
+    a.add_argument("--manifest", metavar="CSV", help="manifest with path,label,split,source,orig_* columns")
+    a.add_argument("--out", metavar="DIR", help="write audit.json and audit.md here (default: markdown to stdout)")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=_audit)
     return p
 
 
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """The training recipe's flags, shared by train and crossval: every TrainConfig field."""
+    d = TrainConfig()
+    p.add_argument("--backbone", default=d.backbone, choices=sorted(backbones.REGISTRY))
+    p.add_argument("--weights", default=d.weights,
+                   help="backbone weights: 'imagenet', 'random' or a state dict file (default: %(default)s)")
+    p.add_argument("--finetune", action="store_true", help="train the whole backbone, not only the head")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="> 0: AdamW instead of Adam")
+    p.add_argument("--schedule", choices=("constant", "onecycle"), default=d.schedule)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction,
+                   help="share of the training data held out to fit the temperature and threshold")
+    p.add_argument("--target-fpr", type=float, default=d.target_fpr,
+                   help="share of human images the stored AI threshold may flag (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="turn random horizontal flips off")
+    p.add_argument("--rotation", type=float, default=d.rotation, help="max random rotation in degrees (0: off)")
+    p.add_argument("--color-jitter", type=float, default=d.color_jitter,
+                   help="brightness/contrast/saturation jitter strength (0: off)")
+    p.add_argument("--jpeg", type=float, default=d.jpeg, help="probability of a random JPEG re-encode")
+    p.add_argument("--blur", type=float, default=d.blur, help="probability of a random Gaussian blur")
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--train-crop", type=int, default=d.train_crop,
+                   help="train on random crops of this size (0: the centre crop)")
+    p.add_argument("--workers", dest="num_workers", type=int, default=None,
+                   help="decoding worker processes (default: up to 2)")
+
+
+def _config(args) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
 def _train(args) -> int:
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    model = train(args.data_dir, args.out, cfg, val_dir=args.val, progress=not args.quiet)
+    model = train(args.data_dir, args.out, _config(args), val=args.val, progress=not args.quiet,
+                  manifest=args.manifest)
     m = model.info["metrics"]
     print(f"val accuracy {m['val_accuracy']:.4f}  val loss {m['val_loss']:.4f}  "
           f"({model.info['training']['wall_seconds']} s); wrote {args.out}/model.safetensors")
     return 0
 
 
+def _crossval(args) -> int:
+    result = crossval(args.data_dir, args.manifest, args.out, _config(args), reference=args.reference,
+                      sources=args.sources, progress=not args.quiet)
+    print(to_markdown(result))
+    print(f"wrote {args.out}/crossval.json and {args.out}/crossval.md")
+    return 0
+
+
 def _evaluate(args) -> int:
-    result = evaluate(load(args.model), args.data_dir, args.out, batch_size=args.batch_size,
+    result = evaluate(load(args.model), args.data_dir, args.out, manifest=args.manifest,
+                      robustness=args.robustness, batch_size=args.batch_size,
                       num_workers=args.num_workers, progress=not args.quiet)
-    auc = result["ai_vs_human_auc"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    tpr = (result["tpr_at_fpr"] or {}).get("0.05")
     print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
-          f"ai_vs_human_auc {'n/a' if auc is None else f'{auc:.4f}'}  images {result['n_images']}")
+          f"ai_vs_human_auc {fmt(result['ai_vs_human_auc'])}  ap {fmt(result['ai_vs_human_ap'])}  "
+          f"tpr@5%fpr {fmt(tpr)}  images {result['n_images']}")
     for err in result["errors"]:
         print(f"unreadable: {err}", file=sys.stderr)
-    print(f"wrote {args.out}/metrics.json")
+    print(f"wrote {args.out}/metrics.json and {args.out}/report.md")
     return 0
 
 
@@ -183,6 +244,20 @@ def _export(args) -> int:
 
 def _info(args) -> int:
     print(json.dumps(load(args.model).describe(), indent=2))
+    return 0
+
+
+def _audit(args) -> int:
+    from .audit import audit, summary_line, to_markdown, write_outputs
+
+    result = audit(args.data_dir, manifest=args.manifest, progress=not args.quiet and sys.stderr.isatty())
+    if args.out is None:
+        print(to_markdown(result))
+        return 0
+    paths = write_outputs(result, args.out)
+    print(f"{summary_line(result)}; wrote {', '.join(map(str, paths))}")
+    for w in result["warnings"]:
+        print(f"warning: {w['message']}" + (" (manifest originals)" if w["origin"] != "files" else ""))
     return 0
 
 

@@ -6,9 +6,10 @@ numbers that normalise an image live in one place: the model.
 
 from __future__ import annotations
 
+import csv
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import torch
@@ -76,23 +77,80 @@ def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -
     return LabelledFolder(root, list(classes), samples)
 
 
+def merge_folders(folders: Sequence[LabelledFolder]) -> LabelledFolder:
+    """One labelled set from several folders with the same classes (e.g. two views)."""
+    classes = folders[0].classes
+    if any(f.classes != classes for f in folders):
+        raise DataFolderError(f"folders disagree on classes: {[f.classes for f in folders]}")
+    return LabelledFolder(folders[0].root, classes, [s for f in folders for s in f.samples])
+
+
+def scan_folders(roots, classes: Sequence[str] | None = None) -> LabelledFolder:
+    """:func:`scan_folder` over one folder or several, merged (class order from the first)."""
+    roots = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)
+    first = scan_folder(roots[0], classes)
+    return merge_folders([first] + [scan_folder(r, first.classes) for r in roots[1:]])
+
+
 def stratified_split(
     folder: LabelledFolder, val_fraction: float, seed: int
 ) -> tuple[LabelledFolder, LabelledFolder]:
-    """Split a folder's samples into train and val, stratified by class, seeded."""
+    """Split a folder's samples into two parts, stratified by class, seeded.
+
+    Files with the same name (one image in two views, e.g. ``native/`` and
+    ``resized/``) always land on the same side, so no image is on both.
+    """
     from sklearn.model_selection import train_test_split
 
-    labels = [y for _, y in folder.samples]
+    label_of = {}
+    for p, y in folder.samples:
+        label_of.setdefault(p.name, y)
+    names = sorted(label_of)
     try:
-        train, val = train_test_split(
-            folder.samples, test_size=val_fraction, random_state=seed, stratify=labels
-        )
+        _, held = train_test_split(names, test_size=val_fraction, random_state=seed,
+                                   stratify=[label_of[n] for n in names])
     except ValueError as err:
         raise DataFolderError(f"{folder.root}: cannot split for validation: {err}") from None
+    held = set(held)
     return (
-        LabelledFolder(folder.root, folder.classes, sorted(train)),
-        LabelledFolder(folder.root, folder.classes, sorted(val)),
+        LabelledFolder(folder.root, folder.classes, sorted(s for s in folder.samples if s[0].name not in held)),
+        LabelledFolder(folder.root, folder.classes, sorted(s for s in folder.samples if s[0].name in held)),
     )
+
+
+# ---------------------------------------------------------------- manifests
+
+
+def read_manifest(path: str | os.PathLike, columns: Sequence[str] = ("path",)) -> list[dict]:
+    """The rows of a manifest CSV (e.g. ``dh3-bench/manifest.csv``), checking its columns."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = set(columns) - set(reader.fieldnames or ())
+        if missing:
+            raise DataFolderError(f"{path}: manifest has no {sorted(missing)} column(s); "
+                                  f"found {reader.fieldnames}")
+        return list(reader)
+
+
+def match_manifest(files: Sequence[str | os.PathLike], rows: Sequence[dict]) -> list[dict | None]:
+    """The manifest row of each file, or None.
+
+    Manifest paths are relative to a view of the data (``val/dalle/x.jpg`` under
+    ``dh3-bench/resized/``); a file matches the one row whose path ends in the
+    same last three components, else the same last two (class folder and name),
+    else the same file name.
+    """
+    index: dict[tuple, list] = {}
+    for row in rows:
+        parts = PurePosixPath(row["path"].replace("\\", "/")).parts
+        for n in (3, 2, 1):
+            index.setdefault(parts[-n:], []).append(row)
+    out = []
+    for file in files:
+        parts = Path(file).parts
+        hits = next((index[parts[-n:]] for n in (3, 2, 1) if parts[-n:] in index), [])
+        out.append(hits[0] if len(hits) == 1 else None)
+    return out
 
 
 # ---------------------------------------------------------------- transforms
@@ -127,11 +185,23 @@ def eval_transform(pre: dict) -> T.Compose:
 
 
 def train_transform(pre: dict, augment: dict) -> T.Compose:
-    """The eval transform with the seed's augmentation (flips, rotation, colour jitter) added.
+    """The eval transform with training augmentation added.
 
     ``augment`` keys: ``flip`` (bool), ``rotation`` (degrees), ``color_jitter``
-    (brightness/contrast/saturation strength; 0 turns it off).
+    (brightness/contrast/saturation strength), the seed card's three; and
+    ``jpeg`` / ``blur`` (probability of a JPEG re-encode at quality 40-95 / a
+    Gaussian blur with sigma 0.2-1.5, applied first, as to a re-shared file) and
+    ``random_crop`` (train on random crops of this size instead of the centre
+    crop).  0 or False turns each off.
     """
+    degrade = []
+    if augment.get("jpeg"):
+        degrade.append(T.RandomApply([T.JPEG((40, 95))], p=augment["jpeg"]))
+    if augment.get("blur"):
+        degrade.append(T.RandomApply([T.GaussianBlur(7, sigma=(0.2, 1.5))], p=augment["blur"]))
+    base = _base(pre)
+    if augment.get("random_crop"):
+        base[-1] = T.RandomCrop(augment["random_crop"])
     aug = []
     if augment.get("flip"):
         aug.append(T.RandomHorizontalFlip())
@@ -140,7 +210,7 @@ def train_transform(pre: dict, augment: dict) -> T.Compose:
     if augment.get("color_jitter"):
         s = augment["color_jitter"]
         aug.append(T.ColorJitter(brightness=s, contrast=s, saturation=s))
-    return T.Compose(_base(pre) + aug + _normalise(pre))
+    return T.Compose(base[:1] + degrade + base[1:] + aug + _normalise(pre))
 
 
 # ---------------------------------------------------------------- datasets

@@ -1,19 +1,77 @@
-"""Metrics over a labelled folder, computed from the one inference function."""
+"""Metrics over a labelled folder, computed from the one inference function.
+
+Everything a moderator asks of a detector: accuracy per class and per source,
+threshold-free ranking figures of p_ai (ROC AUC, average precision, TPR at a
+fixed false-positive rate on human images), the rates at the model's stored
+threshold, calibration (ECE, reliability bins), and how the figures hold up
+when images are re-compressed, shrunk or blurred.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+from PIL import Image, ImageFilter
 from sklearn import metrics as skm
+from tqdm import tqdm
 
 from . import report
-from .data import LabelledFolder, scan_folder
+from .data import LabelledFolder, match_manifest, read_manifest, scan_folder
 from .fileio import atomic_path, write_json
+from .images import decode_image
 from .model import Classifier
 from .predict import predict
+
+log = logging.getLogger(__name__)
+
+# False-positive rates on human images at which the TPR on AI images is reported.
+FPR_TARGETS = (0.01, 0.05)
+# Equal-width confidence bins for ECE and the reliability diagram (the usual 15).
+N_BINS = 15
+# Manifest paths are relative to a view folder ("val/dalle/x.jpg"); a file
+# matches on its last 3 path components, else on its last 2 ("dalle/x.jpg",
+# for a copy of some bench images in a folder of another name).
+UNKNOWN_SOURCE = "unknown"
+
+
+# ---------------------------------------------------------------- perturbations
+
+
+def _jpeg(image: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return decode_image(buf.getvalue(), name=f"<jpeg q{quality}>")
+
+
+def _downscale(image: Image.Image, factor: float) -> Image.Image:
+    # Left small: the model's own preprocessing resizes it back up, as it
+    # would a small image found on the web.
+    w, h = image.size
+    return image.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.LANCZOS)
+
+
+def _blur(image: Image.Image, sigma: float) -> Image.Image:
+    return image.filter(ImageFilter.GaussianBlur(sigma))
+
+
+# name -> function(decoded RGB image, parameter) -> perturbed RGB image
+PERTURBATIONS = {"jpeg": _jpeg, "downscale": _downscale, "blur": _blur}
+
+# The robustness sweep, in report order: (perturbation, parameter).
+SWEEP = [
+    ("jpeg", 90), ("jpeg", 70), ("jpeg", 50), ("jpeg", 30),
+    ("downscale", 0.5), ("downscale", 0.25),
+    ("blur", 1), ("blur", 2),
+]
+
+
+# ---------------------------------------------------------------- evaluate
 
 
 def evaluate(
@@ -21,6 +79,8 @@ def evaluate(
     data: str | os.PathLike | LabelledFolder,
     out_dir: str | os.PathLike | None = None,
     *,
+    manifest: str | os.PathLike | None = None,
+    robustness: bool = True,
     batch_size: int = 32,
     num_workers: int | None = None,
     progress: bool = False,
@@ -32,10 +92,28 @@ def evaluate(
     ``per_class`` (precision, recall, f1, support), ``n_images``,
     ``ai_vs_human_auc`` (ROC AUC of p_ai against "not human"; None when the
     model or the data has no human class or only one kind), and ``errors``
-    (files that could not be read; they are left out of every figure).
+    (files that could not be read; they are left out of every figure).  Also:
+
+    - ``ai_vs_human_ap`` (average precision of p_ai) and ``tpr_at_fpr``
+      (``{"0.01": .., "0.05": ..}``: TPR on AI images at the p_ai cut that
+      keeps the FPR on human images at or under that rate, read off this
+      data's ROC curve: a ranking figure, not a deployable operating point);
+      ``curves`` (the ROC and precision-recall curves).
+    - ``threshold`` (the model's stored threshold on p_ai, or None) and at it
+      ``human_flagged_rate`` (FPR on human images) and ``ai_detected_rate`` (TPR).
+    - ``ece`` (top-label expected calibration error, 15 equal-width bins) with
+      its ``reliability`` bins (confidence, accuracy, count), and ``ece_ai`` /
+      ``reliability_ai`` for p_ai as the probability of "AI-generated".
+    - with ``manifest`` (a CSV with ``path`` and ``source`` columns):
+      ``per_source`` (see :func:`per_source`) and ``mean_auc_vs_human``, the
+      mean of the AI sources' AUC against all human images.
+    - with ``robustness``: ``robustness``, one row per setting of :data:`SWEEP`
+      after a ``clean`` row (see :func:`robustness_sweep`); 8 more passes over the data.
 
     With ``out_dir``: writes ``metrics.json``, ``predictions.csv``,
-    ``confusion_matrix.png`` and ``gallery.png`` there.
+    ``report.md`` and its plots (``confusion_matrix.png``, ``gallery.png``,
+    ``roc.png``, ``pr.png``, ``reliability.png``, ``robustness.png``,
+    ``per_source.png``) there.
     """
     folder = data if isinstance(data, LabelledFolder) else scan_folder(data, classes=model.labels)
     paths = [p for p, _ in folder.samples]
@@ -51,45 +129,274 @@ def evaluate(
     probs = np.array([[preds[i].probs[l] for l in labels] for i in ok], dtype=np.float64)  # (N, C)
     probs /= probs.sum(1, keepdims=True)  # float32 softmax sums to 1 only within ~1e-7
     y_pred = probs.argmax(1)
+    human = model.human_index
+    is_ai = None if human is None else y != human  # (N,) truth "AI-generated"
+    p_ai = None if human is None else np.array([preds[i].p_ai for i in ok])  # (N,)
+    threshold = model.threshold
 
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         y, y_pred, labels=range(k), zero_division=0
     )
+    clean = figures(y_pred == y, is_ai, p_ai, threshold)
+    ranks = ranking(is_ai, p_ai)
+    ece, bins = calibration(probs.max(1), y_pred == y)
+    ece_ai, bins_ai = (None, None) if p_ai is None else calibration(p_ai, is_ai)
+    # Headline figures first, the long lists (bins, curves) last: metrics.json reads top down.
     result = {
-        "accuracy": float(skm.accuracy_score(y, y_pred)),
+        "accuracy": clean["accuracy"],
         "loss": float(skm.log_loss(y, probs, labels=range(k))),
         "labels": labels,
+        "n_images": len(ok),
+        "ai_vs_human_auc": clean["ai_vs_human_auc"],
+        "ai_vs_human_ap": ranks["ai_vs_human_ap"],
+        "tpr_at_fpr": ranks["tpr_at_fpr"],
+        "threshold": threshold,
+        "human_flagged_rate": clean["human_flagged_rate"],
+        "ai_detected_rate": clean["ai_detected_rate"],
+        "ece": ece,
+        "ece_ai": ece_ai,
         "confusion_matrix": skm.confusion_matrix(y, y_pred, labels=range(k)).tolist(),
         "per_class": {
             l: {"precision": float(precision[j]), "recall": float(recall[j]),
                 "f1": float(f1[j]), "support": int(support[j])}
             for j, l in enumerate(labels)
         },
-        "n_images": len(ok),
-        "ai_vs_human_auc": _ai_auc(model, y, [preds[i].p_ai for i in ok]),
+        "model": {"backbone": model.backbone.name, "temperature": model.temperature},
         "data_dir": str(folder.root),
         "errors": [preds[i].error for i in range(len(preds)) if preds[i].error is not None],
     }
+
+    sources = None
+    if manifest is not None:
+        sources = np.array(sources_from_manifest(manifest, [paths[i] for i in ok]))
+        result["manifest"] = str(manifest)
+        result["per_source"] = per_source(sources, y, y_pred, is_ai, p_ai, labels, threshold)
+        aucs = [s["auc_vs_all_human"] for name, s in result["per_source"].items()
+                if s["auc_vs_all_human"] is not None and name != UNKNOWN_SOURCE]
+        result["mean_auc_vs_human"] = float(np.mean(aucs)) if aucs else None
+    if robustness:
+        result["robustness"] = robustness_sweep(
+            model, [paths[i] for i in ok], y, y_pred, p_ai, batch_size=batch_size, progress=progress)
+    result.update(reliability=bins, reliability_ai=bins_ai, curves=ranks["curves"])
+
     if out_dir is not None:
         out = Path(out_dir)
         write_json(out / "metrics.json", result)
-        with atomic_path(out / "predictions.csv") as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, ["true_label"] + list(preds[0].row(labels)))
-            writer.writeheader()
-            for i, p in enumerate(preds):
-                writer.writerow({"true_label": labels[truth[i]], **p.row(labels)})
+        _write_predictions(out / "predictions.csv", preds, truth, labels,
+                           None if sources is None else dict(zip(ok, sources)))
         report.confusion_plot(result["confusion_matrix"], labels, out / "confusion_matrix.png",
                               title=f"accuracy {result['accuracy']:.3f} on {len(ok)} images")
         report.gallery(model, [paths[i] for i in ok], y, probs, out / "gallery.png")
+        report.write_evaluation_report(result, out, model.display_names)
     return result
 
 
-def _ai_auc(model: Classifier, y: np.ndarray, p_ai: list) -> float | None:
-    """ROC AUC of p_ai = 1 - p_human against the truth "not human"."""
-    h = model.human_index
-    if h is None:
-        return None
-    is_ai = y != h
-    if is_ai.all() or not is_ai.any():
+# ---------------------------------------------------------------- figures
+
+
+def figures(correct: np.ndarray, is_ai: np.ndarray | None, p_ai: np.ndarray | None,
+            threshold: float | None) -> dict:
+    """Accuracy, AI-vs-human ROC AUC and the rates at the stored threshold for a set of images.
+
+    The one definition behind the headline figures, each source and each
+    robustness row.  ``correct``: (N,) predicted class == true class;
+    ``is_ai``: (N,) the truth "not human"; ``p_ai``: (N,) scores.  The rates
+    are None without a threshold, or without images of that kind.
+    """
+    out = {"accuracy": float(np.mean(correct)), "ai_vs_human_auc": _auc(is_ai, p_ai),
+           "human_flagged_rate": None, "ai_detected_rate": None}
+    if p_ai is not None and threshold is not None:
+        flagged = p_ai >= threshold  # the same rule predict applies for is_ai
+        if (~is_ai).any():
+            out["human_flagged_rate"] = float(flagged[~is_ai].mean())
+        if is_ai.any():
+            out["ai_detected_rate"] = float(flagged[is_ai].mean())
+    return out
+
+
+def _auc(is_ai: np.ndarray | None, p_ai: np.ndarray | None) -> float | None:
+    """ROC AUC of p_ai against the truth "not human"; None where it is not defined."""
+    if not _both_kinds(is_ai, p_ai):
         return None
     return float(skm.roc_auc_score(is_ai, p_ai))
+
+
+def _both_kinds(is_ai: np.ndarray | None, p_ai: np.ndarray | None) -> bool:
+    # Ranking figures need scores and at least one AI and one human image.
+    return is_ai is not None and p_ai is not None and bool(is_ai.any()) and not is_ai.all()
+
+
+def ranking(is_ai: np.ndarray | None, p_ai: np.ndarray | None) -> dict:
+    """Threshold-free figures of p_ai: ``ai_vs_human_ap``, ``tpr_at_fpr`` and ``curves``.
+
+    ``tpr_at_fpr[f]`` is the highest TPR on AI images among the cuts of this
+    data's ROC curve whose FPR on human images is at most ``f``.  The cut is
+    found on the evaluated data itself, so it ranks the score; the operating
+    point to act on is the stored threshold's.  All None when the data lacks
+    one of the two kinds.
+    """
+    if not _both_kinds(is_ai, p_ai):
+        return {"ai_vs_human_ap": None, "tpr_at_fpr": None, "curves": None}
+    fpr, tpr, roc_cut = skm.roc_curve(is_ai, p_ai)
+    precision, recall, pr_cut = skm.precision_recall_curve(is_ai, p_ai)
+    return {
+        "ai_vs_human_ap": float(skm.average_precision_score(is_ai, p_ai)),
+        # fpr[0] == 0, so every target has at least one cut
+        "tpr_at_fpr": {str(f): float(tpr[fpr <= f].max()) for f in FPR_TARGETS},
+        "curves": {
+            "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "p_ai_cut": _finite(roc_cut)},
+            "pr": {"precision": precision.tolist(), "recall": recall.tolist(),
+                   "p_ai_cut": _finite(pr_cut)},
+        },
+    }
+
+
+def _finite(a: np.ndarray) -> list:
+    # roc_curve's first cut is +inf ("flag nothing"); JSON has no infinity.
+    return [float(v) if np.isfinite(v) else None for v in a]
+
+
+def calibration(confidence: np.ndarray, outcome: np.ndarray, n_bins: int = N_BINS
+                ) -> tuple[float, list[dict]]:
+    """Expected calibration error and reliability bins over equal-width bins of [0, 1].
+
+    ``confidence``: (N,) predicted probability of an event; ``outcome``: (N,)
+    whether it happened.  For the top-label ECE these are the highest class
+    probability and "the arg-max class is right"; for p_ai, p_ai and "is AI".
+    Bin b holds confidences in (b/n, (b+1)/n] (0 goes to the first); each bin
+    gives ``lo``, ``hi``, ``confidence`` (mean), ``accuracy`` (observed
+    frequency; None when empty) and ``count``.  ECE = sum over bins of
+    count / N * |accuracy - confidence|.
+    """
+    confidence = np.asarray(confidence, dtype=np.float64)
+    outcome = np.asarray(outcome, dtype=np.float64)
+    b = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    bins, ece = [], 0.0
+    for j in range(n_bins):
+        m = b == j
+        n = int(m.sum())
+        conf = float(confidence[m].mean()) if n else None
+        acc = float(outcome[m].mean()) if n else None
+        if n:
+            ece += n / len(confidence) * abs(acc - conf)
+        bins.append({"lo": j / n_bins, "hi": (j + 1) / n_bins, "confidence": conf,
+                     "accuracy": acc, "count": n})
+    return float(ece), bins
+
+
+# ---------------------------------------------------------------- per source
+
+
+def sources_from_manifest(manifest: str | os.PathLike, files: Sequence[str | os.PathLike]) -> list[str]:
+    """The ``source`` of each file, from a manifest CSV with ``path`` and ``source`` columns.
+
+    Files are matched by :func:`imageorigin.data.match_manifest`; files that
+    match no row get "unknown".
+    """
+    rows = match_manifest(files, read_manifest(manifest, ("path", "source")))
+    out = [UNKNOWN_SOURCE if row is None else row["source"] for row in rows]
+    if out and all(s == UNKNOWN_SOURCE for s in out):
+        log.warning("%s: none of the %d files is in the manifest", manifest, len(out))
+    return out
+
+
+def per_source(sources: np.ndarray, y: np.ndarray, y_pred: np.ndarray, is_ai: np.ndarray | None,
+               p_ai: np.ndarray | None, labels: Sequence[str], threshold: float | None) -> dict:
+    """Figures per source: {source: {n, label, accuracy, ai_vs_human_auc, auc_vs_all_human,
+    mean_p_ai, flagged_rate}}, grouped by class, "unknown" last.
+
+    Most sources hold one class only, where an AUC within the source is not
+    defined (``ai_vs_human_auc`` None); ``auc_vs_all_human`` ranks a source's
+    AI images against every human image in the evaluated set: the
+    per-generator figure the field reports (None for human-only sources).
+    ``flagged_rate``: fraction of the source's images with p_ai at or over the
+    stored threshold (None without one).
+    """
+    humans = None if is_ai is None else p_ai[~is_ai]
+    # Grouped by class (a source's first class in label order), then by name; "unknown" last.
+    order = sorted(set(sources.tolist()),
+                   key=lambda s: (s == UNKNOWN_SOURCE, y[sources == s].min(), s))
+    out = {}
+    for name in order:
+        m = sources == name
+        sub_ai = None if is_ai is None else is_ai[m]
+        sub_p = None if p_ai is None else p_ai[m]
+        fig = figures(y_pred[m] == y[m], sub_ai, sub_p, threshold)
+        vs_human = None
+        if sub_ai is not None and sub_ai.any():
+            scores = np.concatenate([sub_p[sub_ai], humans])
+            vs_human = _auc(np.arange(len(scores)) < sub_ai.sum(), scores)
+        out[name] = {
+            "n": int(m.sum()),
+            "label": "+".join(labels[c] for c in sorted(set(y[m].tolist()))),
+            "accuracy": fig["accuracy"],
+            "ai_vs_human_auc": fig["ai_vs_human_auc"],
+            "auc_vs_all_human": vs_human,
+            "mean_p_ai": None if sub_p is None else float(sub_p.mean()),
+            "flagged_rate": None if sub_p is None or threshold is None
+            else float(np.mean(sub_p >= threshold)),
+        }
+    return out
+
+
+# ---------------------------------------------------------------- robustness
+
+
+def robustness_sweep(model: Classifier, paths: Sequence, y: np.ndarray, y_pred: np.ndarray,
+                     p_ai: np.ndarray | None, *, batch_size: int = 32,
+                     progress: bool = False) -> list[dict]:
+    """Figures on the clean images and under every perturbation of :data:`SWEEP`.
+
+    ``paths``: the readable images, with their true classes ``y`` and clean
+    predictions ``y_pred`` and ``p_ai``.  Each image is decoded once per chunk
+    of ``batch_size`` and perturbed in memory, so memory stays flat whatever
+    the folder's size.  Rows: ``perturbation`` ("clean", "jpeg", "downscale",
+    "blur"), ``param`` (JPEG quality, scale factor, blur sigma), the
+    :func:`figures` of that setting, ``label_changed`` (fraction of images whose
+    predicted class differs from the clean one) and ``mean_abs_delta_p_ai``.
+    """
+    human = model.human_index
+    is_ai = None if human is None else y != human
+    threshold = model.threshold
+    probs = {s: [] for s in SWEEP}
+    with tqdm(total=len(paths) * len(SWEEP), desc="robustness", unit="img",
+              disable=not progress, leave=False) as bar:
+        for start in range(0, len(paths), batch_size):
+            images = [decode_image(p) for p in paths[start:start + batch_size]]
+            for name, param in SWEEP:
+                items = [PERTURBATIONS[name](im, param) for im in images]
+                # One batch per call: decoding it in-process is cheaper than
+                # starting loader workers for it.
+                for p in predict(model, items, batch_size=batch_size, num_workers=0):
+                    probs[(name, param)].append([p.probs[l] for l in model.labels])
+                bar.update(len(items))
+    rows = [{"perturbation": "clean", "param": None,
+             **figures(y_pred == y, is_ai, p_ai, threshold),
+             "label_changed": 0.0, "mean_abs_delta_p_ai": 0.0 if p_ai is not None else None}]
+    for (name, param), pr in probs.items():
+        pr = np.array(pr)  # (N, C)
+        pred = pr.argmax(1)
+        score = None if human is None else 1.0 - pr[:, human]
+        rows.append({
+            "perturbation": name, "param": param,
+            **figures(pred == y, is_ai, score, threshold),
+            "label_changed": float(np.mean(pred != y_pred)),
+            "mean_abs_delta_p_ai": None if score is None else float(np.mean(np.abs(score - p_ai))),
+        })
+    return rows
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _write_predictions(path: Path, preds, truth, labels, sources: dict | None) -> None:
+    """predictions.csv: the true label, predict's row, and the source when a manifest is given."""
+    columns = ["true_label"] + list(preds[0].row(labels)) + (["source"] if sources else [])
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        for i, p in enumerate(preds):
+            row = {"true_label": labels[truth[i]], **p.row(labels)}
+            if sources:
+                row["source"] = sources.get(i, "")
+            writer.writerow(row)

@@ -25,6 +25,7 @@ from torch import nn
 from . import backbones
 from .data import default_preprocessing, eval_transform
 from .fileio import atomic_path
+from .runtime import device
 
 FORMAT = "imageorigin/1"
 
@@ -46,7 +47,8 @@ class Classifier(nn.Module):
 
     Attributes that travel with the checkpoint: ``labels``, ``display_names``,
     ``human_label``, ``preprocessing`` (see :func:`imageorigin.data.eval_transform`),
-    ``threshold`` and ``info``.
+    ``temperature`` (logits are divided by it before the softmax: calibration),
+    ``threshold`` (p_ai at or above it means "AI-generated") and ``info``.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class Classifier(nn.Module):
         human_label: str | None = "human",
         preprocessing: dict | None = None,
         threshold: float | None = None,
+        temperature: float = 1.0,
         info: dict | None = None,
     ):
         super().__init__()
@@ -72,6 +75,7 @@ class Classifier(nn.Module):
         spec = backbones.get_spec(backbone.name)
         self.preprocessing = preprocessing or default_preprocessing(spec.mean, spec.std, spec.size)
         self.threshold = threshold
+        self.temperature = float(temperature)
         self.info = dict(info or {})
         self.transform = eval_transform(self.preprocessing)
 
@@ -111,6 +115,7 @@ class Classifier(nn.Module):
             "human_label": self.human_label,
             "preprocessing": self.preprocessing,
             "threshold": self.threshold,
+            "temperature": self.temperature,
             "info": self.info,
         }
 
@@ -145,13 +150,14 @@ def load(model: str | os.PathLike = "default") -> Classifier:
     """Load a model: ``"default"``, an imageorigin ``.safetensors`` checkpoint, or a
     seed-format ``.pth`` (a torchvision DenseNet121 state dict with a 3-way classifier).
 
-    The returned model is in eval mode.  Raises CheckpointError naming the file.
+    The returned model is in eval mode, on :func:`imageorigin.runtime.device`.
+    Raises CheckpointError naming the file.
     """
     path = default_model_path() if str(model) == "default" else Path(model)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such model file")
     clf = _load_safetensors(path) if _is_safetensors(path) else _load_seed(path)
-    return clf.eval()
+    return clf.to(device()).eval()
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -190,6 +196,7 @@ def _load_safetensors(path: Path) -> Classifier:
         human_label=meta.get("human_label"),
         preprocessing=meta["preprocessing"],
         threshold=meta.get("threshold"),
+        temperature=meta.get("temperature", 1.0),
         info=meta.get("info"),
     )
     clf.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})

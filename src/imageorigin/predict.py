@@ -27,13 +27,15 @@ class Prediction:
     label: str | None = None
     probs: dict[str, float] = field(default_factory=dict)
     p_ai: float | None = None
+    is_ai: bool | None = None
     error: str | None = None
 
     def row(self, labels: list[str]) -> dict:
-        """Flat record: path, label, p_<label> per class, p_ai, error."""
+        """Flat record: path, label, p_<label> per class, p_ai, is_ai, error."""
         out = {"path": self.path, "label": self.label}
         out.update({f"p_{l}": self.probs.get(l) for l in labels})
         out["p_ai"] = self.p_ai
+        out["is_ai"] = self.is_ai
         out["error"] = self.error
         return out
 
@@ -51,14 +53,17 @@ def predict(
 
     Files are decoded by :func:`imageorigin.images.decode_image` in worker
     processes while the model runs; a file that cannot be decoded gives a
-    Prediction with ``error`` set, and the rest go on.  ``p_ai`` is
-    ``1 - p(human)`` for models that have a human class.
+    Prediction with ``error`` set, and the rest go on.  Probabilities are the
+    softmax of the logits divided by the model's calibrated ``temperature``.
+    ``p_ai`` is ``1 - p(human)`` for models that have a human class, and
+    ``is_ai`` is ``p_ai >= model.threshold`` when the model stores a threshold.
     """
     items = list(items)
     names = [f"<image {i}>" if isinstance(x, Image.Image) else str(x) for i, x in enumerate(items)]
     model.eval()
     dl = loader(ImageDataset(items, model.transform), batch_size, num_workers=num_workers)
     human = model.human_index
+    dev = next(model.parameters()).device
     pending: dict[int, Prediction] = {}
     next_out = 0
     with tqdm(total=len(items), unit="img", disable=not progress, leave=False) as bar:
@@ -66,13 +71,17 @@ def predict(
             for i, err in failures:
                 pending[i] = Prediction(names[i], error=err)
             if images is not None:
-                probs = torch.softmax(model(images).float(), dim=1)  # (B, C)
+                logits = model(images.to(dev)).float().cpu()  # (B, C)
+                probs = torch.softmax(logits / model.temperature, dim=1)  # (B, C)
                 for i, p in zip(idx.tolist(), probs.tolist()):
+                    p_ai = None if human is None else 1.0 - p[human]
                     pending[i] = Prediction(
                         names[i],
                         label=model.labels[max(range(len(p)), key=p.__getitem__)],
                         probs=dict(zip(model.labels, p)),
-                        p_ai=None if human is None else 1.0 - p[human],
+                        p_ai=p_ai,
+                        is_ai=None if p_ai is None or model.threshold is None
+                        else p_ai >= model.threshold,
                     )
             bar.update(len(failures) + (0 if images is None else len(images)))
             while next_out in pending:  # the loader keeps order; this is cheap insurance

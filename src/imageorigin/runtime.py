@@ -1,4 +1,4 @@
-"""Process-wide settings that make CPU inference fast.
+"""Process-wide settings: the device models run on, and a faster CPU allocator.
 
 PyTorch's CPU forward pass allocates and frees tens of MB per layer.  glibc
 serves blocks that large with mmap and hands them back to the kernel at once,
@@ -14,7 +14,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import platform
+
+import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -33,3 +36,9 @@ def tune_allocator() -> bool:
         )
     except (OSError, AttributeError):
         return False
+
+
+def device() -> torch.device:
+    """Where models run: ``IMAGEORIGIN_DEVICE`` if set, else CUDA when present, else the CPU."""
+    name = os.environ.get("IMAGEORIGIN_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,39 +1,47 @@
-"""The seed's training recipe: frozen ImageNet backbone, linear head, Adam, cross-entropy.
+"""Training: the seed's recipe (frozen backbone, linear head) and full fine-tuning.
 
 ``train()`` writes into a run folder: ``model.safetensors`` (rewritten after every
 epoch, atomically), ``history.json``, ``loss.png``, ``accuracy.png``,
-``collage.png`` and ``MODEL_CARD.md``.
+``collage.png``, ``val/`` (the final model's evaluation) and ``MODEL_CARD.md``.
+
+After training, a temperature and an AI-vs-human threshold are fitted on a
+calibration split held out of the training data, so that neither is chosen on
+the validation data the card reports.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence, Union
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from . import backbones, report
+from .calibrate import choose_threshold, fit_temperature
 from .data import (
     ImageDataset,
     LabelledFolder,
     default_preprocessing,
     loader,
-    scan_folder,
+    match_manifest,
+    read_manifest,
+    scan_folders,
     stratified_split,
     train_transform,
 )
 from .evaluate import evaluate
 from .fileio import write_json
 from .model import Classifier, save
+from .runtime import device
 
-log = logging.getLogger(__name__)
+Folders = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], LabelledFolder]
 
 
 @dataclass
@@ -42,151 +50,233 @@ class TrainConfig:
 
     backbone: str = "densenet121"
     weights: str = "imagenet"  # "imagenet", "random" or a path to a state dict file
+    finetune: bool = False  # train the whole backbone too (the seed freezes it)
     epochs: int = 15
     batch_size: int = 32
     lr: float = 1e-4
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # or "onecycle": warm up, then anneal the learning rate
+    label_smoothing: float = 0.0
     val_fraction: float = 0.2  # used only when no val folder is given
+    calibration_fraction: float = 0.15  # of the training data, for temperature and threshold
+    target_fpr: float = 0.05  # share of human images the stored threshold may flag
     seed: int = 0
     flip: bool = True
     rotation: float = 15.0  # degrees
     color_jitter: float = 0.2  # brightness / contrast / saturation strength
-    image_size: int = 224
+    jpeg: float = 0.0  # probability of a random JPEG re-encode
+    blur: float = 0.0  # probability of a random Gaussian blur
+    image_size: int = 224  # resize the shorter side and centre crop to this
+    train_crop: int = 0  # >0: train on random crops of this size
     num_workers: int | None = None
 
 
 def train(
-    data_dir: str | os.PathLike,
+    data: Folders,
     out_dir: str | os.PathLike,
     config: TrainConfig | None = None,
-    val_dir: str | os.PathLike | None = None,
+    val: Folders | None = None,
     progress: bool = True,
+    manifest: str | os.PathLike | None = None,
 ) -> Classifier:
-    """Train a classifier on a folder with one sub-folder per class.
+    """Train a classifier on one or more folders with one sub-folder per class.
 
-    Validation data is ``val_dir`` or a seeded, stratified split of ``data_dir``.
-    Returns the trained model (also saved as ``out_dir/model.safetensors``).
+    Validation data is ``val`` (one or more folders) or a seeded, stratified
+    split of ``data``.  A ``manifest`` (CSV with path, source, licence columns)
+    puts the training data's sources and licences into the checkpoint and card.
+    Returns the trained, calibrated model (also saved as ``out_dir/model.safetensors``).
     """
     cfg = config or TrainConfig()
     out = Path(out_dir)
     torch.manual_seed(cfg.seed)
-    data = scan_folder(data_dir)
-    if val_dir is not None:
-        train_set, val_set = data, scan_folder(val_dir, classes=data.classes)
+    pool = data if isinstance(data, LabelledFolder) else scan_folders(data)
+    if val is None:
+        train_set, val_set = stratified_split(pool, cfg.val_fraction, cfg.seed)
     else:
-        train_set, val_set = stratified_split(data, cfg.val_fraction, cfg.seed)
+        val_set = val if isinstance(val, LabelledFolder) else scan_folders(val, pool.classes)
+        train_set = pool
+    calib_set = None
+    if cfg.calibration_fraction > 0:
+        train_set, calib_set = stratified_split(train_set, cfg.calibration_fraction, cfg.seed)
 
     spec = backbones.get_spec(cfg.backbone)
-    backbone = backbones.build_backbone(cfg.backbone, cfg.weights)
     model = Classifier(
-        backbone,
-        data.classes,
+        backbones.build_backbone(cfg.backbone, cfg.weights),
+        pool.classes,
         backbone_weights="imagenet" if cfg.weights == "imagenet" else str(cfg.weights),
         preprocessing=default_preprocessing(spec.mean, spec.std, cfg.image_size),
     )
-    for p in model.backbone.parameters():  # frozen features, as in the seed card
-        p.requires_grad_(False)
+    dev = device()
+    model.to(dev)
+    model.frozen = not cfg.finetune
+    for p in model.backbone.parameters():
+        p.requires_grad_(cfg.finetune)
 
-    augment = {"flip": cfg.flip, "rotation": cfg.rotation, "color_jitter": cfg.color_jitter}
+    augment = {"flip": cfg.flip, "rotation": cfg.rotation, "color_jitter": cfg.color_jitter,
+               "jpeg": cfg.jpeg, "blur": cfg.blur, "random_crop": cfg.train_crop}
     train_dl = loader(
         ImageDataset([p for p, _ in train_set.samples], train_transform(model.preprocessing, augment),
                      [y for _, y in train_set.samples]),
         cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed,
     )
-    optimizer = torch.optim.Adam(model.head.parameters(), lr=cfg.lr)
-    loss_fn = nn.CrossEntropyLoss()
+    params = model.parameters() if cfg.finetune else model.head.parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) \
+        if cfg.weight_decay else torch.optim.Adam(params, lr=cfg.lr)
+    scheduler = None
+    if cfg.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, cfg.lr, total_steps=cfg.epochs * len(train_dl), pct_start=0.15)
+    elif cfg.schedule != "constant":
+        raise ValueError(f"unknown schedule {cfg.schedule!r}: 'constant' or 'onecycle'")
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     out.mkdir(parents=True, exist_ok=True)
     report.collage(train_set, out / "collage.png")
-    # With a frozen backbone and the eval transform, validation features never
-    # change between epochs: compute them once.
-    val_feats, val_labels = _features(model, val_set, cfg, progress)
+    val_logits = _logit_fn(model, val_set, cfg, progress)
 
     history: list[dict] = []
     skipped: set[str] = set()
     started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
-        model.train()  # the backbone stays in eval mode (see Classifier.train)
+        model.train()  # a frozen backbone stays in eval mode (see Classifier.train)
         total_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(train_dl, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress,
                    leave=False)
         for _, images, labels, failures in bar:
-            for i, err in failures:
+            for _, err in failures:
                 if err not in skipped:
-                    log.warning("skipping unreadable training image: %s", err)
+                    tqdm.write(f"imageorigin: skipping unreadable training image: {err}", file=sys.stderr)
                     skipped.add(err)
             if images is None:
                 continue
-            with torch.no_grad():
+            images, labels = images.to(dev), labels.to(dev)
+            with torch.set_grad_enabled(cfg.finetune):
                 feats = model.backbone(images)  # (B, D)
             logits = model.head(feats)  # (B, C)
             loss = loss_fn(logits, labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             total_loss += loss.item() * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
-        model.eval()
-        with torch.no_grad():
-            val_logits = model.head(val_feats)
-            val_loss = loss_fn(val_logits, val_labels).item()
-            val_acc = (val_logits.argmax(1) == val_labels).float().mean().item()
+        logits, y = val_logits()
         row = {
             "epoch": epoch,
             "train_loss": total_loss / max(seen, 1),
             "train_accuracy": correct / max(seen, 1),
-            "val_loss": val_loss,
-            "val_accuracy": val_acc,
+            "val_loss": nn.functional.cross_entropy(logits, y).item(),
+            "val_accuracy": (logits.argmax(1) == y).float().mean().item(),
             "seconds": round(time.perf_counter() - started, 1),
         }
         history.append(row)
-        msg = (f"epoch {epoch:>2}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
-               f"acc {row['train_accuracy']:.3f}  val loss {val_loss:.4f} acc {val_acc:.3f}")
-        tqdm.write(msg, file=sys.stderr)  # per-epoch figures, even with the bars off
-        model.info = _info(cfg, train_set, val_set, val_dir, history, sorted(skipped))
+        tqdm.write(f"epoch {epoch:>2}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
+                   f"acc {row['train_accuracy']:.3f}  val loss {row['val_loss']:.4f} "
+                   f"acc {row['val_accuracy']:.3f}", file=sys.stderr)
+        model.info = _info(cfg, train_set, val_set, val is not None, calib_set, history,
+                           sorted(skipped))
         # Saved every epoch, atomically: an interrupted run keeps its last full epoch.
         save(model, out / "model.safetensors")
         write_json(out / "history.json", history)
 
+    if manifest is not None:
+        model.info["sources"] = _sources(pool, manifest)
+    if calib_set is not None:
+        _calibrate(model, calib_set, cfg, progress)
+        model.info["calibration"] = {
+            "temperature": model.temperature, "threshold": model.threshold,
+            "target_fpr": cfg.target_fpr, "counts": calib_set.counts(),
+        }
+        save(model, out / "model.safetensors")
     report.training_plots(history, out)
-    # The card's confusion matrix and sample predictions come from the same
-    # evaluation a user runs with `imageorigin evaluate`.
+    # The card's figures come from the same evaluation a user runs with
+    # `imageorigin evaluate`, on the validation data, with the stored threshold.
     evaluation = evaluate(model, val_set, out / "val", batch_size=cfg.batch_size,
-                          num_workers=cfg.num_workers, progress=progress)
+                          num_workers=cfg.num_workers, progress=progress, robustness=False)
     report.write_model_card(model, out / "MODEL_CARD.md", evaluation)
     return model.eval()
 
 
-def _features(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, progress: bool):
-    """Backbone features of a labelled folder under the eval transform: (N, D), (N,)."""
+def _logits(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, progress: bool,
+            head: bool = True):
+    """Run the model (or only its backbone) over a folder with the eval transform.
+
+    Returns (N, C) logits, or (N, D) features with ``head=False``, and (N,) labels;
+    unreadable files are left out.
+    """
     dl = loader(ImageDataset([p for p, _ in folder.samples], model.transform,
                              [y for _, y in folder.samples]),
                 cfg.batch_size, num_workers=cfg.num_workers)
-    feats, labels = [], []
+    outs, labels = [], []
+    dev = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
-        for _, images, y, failures in tqdm(dl, desc="val features", unit="batch",
-                                           disable=not progress, leave=False):
-            for _, err in failures:
-                log.warning("skipping unreadable validation image: %s", err)
+        for _, images, y, _ in tqdm(dl, desc="validation", unit="batch", disable=not progress,
+                                    leave=False):
             if images is not None:
-                feats.append(model.backbone(images))
+                images, y = images.to(dev), y.to(dev)
+                outs.append(model(images) if head else model.backbone(images))
                 labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    return torch.cat(outs), torch.cat(labels)
 
 
-def _info(cfg, train_set, val_set, val_dir, history, skipped) -> dict:
+def _logit_fn(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, progress: bool):
+    """A function giving the current model's validation logits and labels.
+
+    With a frozen backbone the features never change between epochs: they are
+    computed once and only the head runs each epoch.
+    """
+    if cfg.finetune:
+        return lambda: _logits(model, folder, cfg, progress)
+    feats, y = _logits(model, folder, cfg, progress, head=False)
+
+    def head_only():
+        with torch.no_grad():
+            return model.head(feats), y
+
+    return head_only
+
+
+def _calibrate(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, progress: bool) -> None:
+    """Fit the temperature and the AI-vs-human threshold on held-out training data."""
+    logits, y = _logits(model, folder, cfg, progress)
+    model.temperature = fit_temperature(logits, y)
+    if model.human_index is not None and (y == model.human_index).any():
+        probs = torch.softmax(logits.cpu() / model.temperature, 1).numpy()
+        p_ai = 1.0 - probs[:, model.human_index]
+        model.threshold = choose_threshold(p_ai, y.cpu().numpy() == model.human_index,
+                                           cfg.target_fpr)
+
+
+def _sources(folder: LabelledFolder, manifest) -> dict:
+    """Per source of the training data: class, image count, licence (from the manifest)."""
+    rows = match_manifest([p for p, _ in folder.samples], read_manifest(manifest, ("path", "source")))
+    out: dict[str, dict] = {}
+    for (_, y), row in zip(folder.samples, rows):
+        name = "unknown" if row is None else row["source"]
+        entry = out.setdefault(name, {"label": folder.classes[y], "n": 0,
+                                      "licence": (row or {}).get("licence") or "not stated"})
+        entry["n"] += 1
+    return out
+
+
+def _info(cfg, train_set, val_set, val_given, calib_set, history, skipped) -> dict:
     last = history[-1]
+    roots = sorted({str(Path(p).parent.parent) for p, _ in train_set.samples})
     return {
         "training": {
             **asdict(cfg),
-            "recipe": "frozen backbone (eval mode), linear head, Adam, cross-entropy",
-            "data_dir": str(train_set.root),
-            "val_dir": str(val_dir) if val_dir is not None else None,
-            "val_split": None if val_dir is not None else f"stratified {cfg.val_fraction:.0%}, seed {cfg.seed}",
+            "recipe": ("fine-tuned backbone" if cfg.finetune else "frozen backbone (eval mode)")
+            + f", linear head, {'AdamW' if cfg.weight_decay else 'Adam'}, cross-entropy",
+            "data_dir": ", ".join(roots),
+            "val_dir": ", ".join(sorted({str(Path(p).parent.parent) for p, _ in val_set.samples})),
+            "val_split": None if val_given else f"stratified {cfg.val_fraction:.0%}, seed {cfg.seed}",
             "train_counts": train_set.counts(),
             "val_counts": val_set.counts(),
+            "calibration_counts": None if calib_set is None else calib_set.counts(),
             "skipped_files": skipped,
             "wall_seconds": last["seconds"],
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
