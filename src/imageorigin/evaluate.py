@@ -34,9 +34,7 @@ log = logging.getLogger(__name__)
 FPR_TARGETS = (0.01, 0.05)
 # Equal-width confidence bins for ECE and the reliability diagram (the usual 15).
 N_BINS = 15
-# Manifest paths are relative to a view folder ("val/dalle/x.jpg"); a file
-# matches on its last 3 path components, else on its last 2 ("dalle/x.jpg",
-# for a copy of some bench images in a folder of another name).
+# The source of files a manifest does not list.
 UNKNOWN_SOURCE = "unknown"
 
 

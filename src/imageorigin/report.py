@@ -324,8 +324,9 @@ def write_evaluation_report(result: dict, out_dir: str | os.PathLike,
         "AUC, AP and TPR at a fixed FPR are threshold-free ranking figures: the TPR at 1% / 5% "
         "FPR uses the p_ai cut read off this data's own ROC curve, so it says how well p_ai "
         "ranks AI images above human ones, not what a deployed threshold would do.",
-        "The stored threshold travels with the model, chosen on its validation data, not on "
-        "this data: its rates above are the operating point to act on."
+        "The stored threshold travels with the model: it was chosen when the model was trained, "
+        "on data held out for calibration, not on this data, so its rates above are the "
+        "operating point to act on."
         if thr is not None else
         "The model stores no decision threshold: its label is the arg-max class.",
         "",
