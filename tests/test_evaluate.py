@@ -114,7 +114,8 @@ def test_per_source_figures(result, bench):
         assert s["accuracy"] == pytest.approx(np.mean([r["label"] == r["true_label"] for r in mine]))
         assert s["mean_p_ai"] == pytest.approx(np.mean([float(r["p_ai"]) for r in mine]))
         assert s["ai_vs_human_auc"] is None  # every bench source holds one class
-        assert s["flagged_rate"] is None  # the default model stores no threshold
+        # the default model stores a threshold: flagged = share of the source's images at or above it
+        assert s["flagged_rate"] == pytest.approx(np.mean([r["is_ai"] == "True" for r in mine]))
         if s["label"] == "human":
             assert s["auc_vs_all_human"] is None
         else:
@@ -137,7 +138,10 @@ def test_tpr_at_fixed_fpr_and_ap(result):
     assert 0.6 < m["ai_vs_human_ap"] <= 1
     roc = m["curves"]["roc"]
     assert roc["fpr"][0] == 0 and roc["tpr"][-1] == 1
-    assert m["threshold"] is None and m["human_flagged_rate"] is None
+    # the stored threshold's operating point, beside the threshold-free figures
+    assert m["threshold"] == imageorigin.load().threshold
+    assert m["human_flagged_rate"] == pytest.approx(np.mean(human >= m["threshold"]))
+    assert m["ai_detected_rate"] == pytest.approx(np.mean(ai >= m["threshold"]))
 
 
 def test_calibration_matches_its_bins(result):
@@ -167,7 +171,9 @@ def test_report_links_every_plot_and_states_the_headline(result):
     for value in (m["accuracy"], m["ai_vs_human_auc"], m["ai_vs_human_ap"], m["tpr_at_fpr"]["0.01"],
                   m["tpr_at_fpr"]["0.05"], m["ece"], m["ece_ai"], m["mean_auc_vs_human"]):
         assert f"| {value:.3f} |" in report
-    assert "threshold-free" in report and "no stored threshold" in report
+    assert "threshold-free" in report
+    assert f"human images flagged as AI at the stored threshold (p_ai ≥ {m['threshold']:.4g})" in report
+    assert f"| {m['human_flagged_rate']:.3f} |" in report
     assert report.index("## Headline") < report.index("## Per class") < report.index("## Per source")
     assert "eudoxia0_gallery_of_sand/dalle2" in report
     assert not (out / "robustness.png").exists() and "robustness.png" not in report

@@ -115,7 +115,7 @@ def test_densenet_without_reachable_weights_stops_with_options(small_folder, tmp
         pass
     else:  # a machine with internet access: the real download worked
         return
-    code = main(["train", str(small_folder(5)), "--out", str(tmp_path / "run")])
+    code = main(["train", str(small_folder(10)), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2
     assert "DenseNet121 ImageNet weights could not be downloaded" in err
@@ -134,7 +134,8 @@ def test_densenet_trains_from_a_weights_file(small_folder, tmp_path):
     model = imageorigin.train(
         small_folder(2), tmp_path / "run",
         imageorigin.TrainConfig(weights=str(tmp_path / "densenet121-local.pth"), epochs=1,
-                                batch_size=4, num_workers=0, val_fraction=0.5),
+                                batch_size=4, num_workers=0, val_fraction=0.5,
+                                calibration_fraction=0),
         progress=False,
     )
     assert model.backbone.name == "densenet121"

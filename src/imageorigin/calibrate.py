@@ -44,5 +44,9 @@ def choose_threshold(p_ai: np.ndarray, is_human: np.ndarray, target_fpr: float =
     allowed = int(np.floor(target_fpr * len(human)))  # human images we may flag
     if allowed >= len(human):
         return 0.0
-    # just above the (allowed+1)-th highest human score: exactly `allowed` are at or above it
-    return float(np.nextafter(human[allowed], np.inf))
+    # Halfway between the (allowed+1)-th and the allowed-th highest human score:
+    # exactly `allowed` are at or above it, with a margin, so that the float
+    # noise of recomputing a score (another batch, another engine) cannot flip one.
+    upper = human[allowed - 1] if allowed > 0 else min(1.0, human[0] + 1e-3)
+    return float((human[allowed] + upper) / 2) if upper > human[allowed] \
+        else float(np.nextafter(human[allowed], np.inf))
