@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from sklearn import metrics as skm
 
-from .data import LabelledFolder, match_manifest, read_manifest, scan_folders, stratified_split
+from .data import LabelledFolder, scan_folders, stratified_split
+from .evaluate import UNKNOWN_SOURCE, figures, sources_from_manifest
 from .fileio import write_json, write_text
 from .predict import predict
 from .train import TrainConfig, train
@@ -43,16 +43,13 @@ def crossval(
         pool, ref = stratified_split(pool, 0.2, cfg.seed)
     else:
         ref = scan_folders(reference, pool.classes)
-    rows = read_manifest(manifest, ("path", "source"))
-    src_of = lambda folder: [r["source"] if r else "unknown"  # noqa: E731
-                             for r in match_manifest([p for p, _ in folder.samples], rows)]
-    pool_src, ref_src = src_of(pool), src_of(ref)
+    pool_src, ref_src = (sources_from_manifest(manifest, [p for p, _ in f.samples]) for f in (pool, ref))
     human = pool.classes.index("human") if "human" in pool.classes else None
     if human is None:
         raise ValueError("leave-one-source-out scores p_ai: the data needs a 'human' class")
 
     table = []
-    for source in sources or sorted(set(pool_src) - {"unknown"}):
+    for source in sources or sorted(set(pool_src) - {UNKNOWN_SOURCE}):
         keep = [s for s, src in zip(pool.samples, pool_src) if src != source]
         held = [s for s, src in zip(pool.samples, pool_src) if src == source]
         held += [s for s, src in zip(ref.samples, ref_src) if src == source]
@@ -70,17 +67,19 @@ def crossval(
         y = np.array([test[i][1] for i in ok])
         p_ai = np.array([preds[i].p_ai for i in ok])
         is_held = np.array([i < len(held) for i in ok], dtype=bool)
-        pred_label = np.array([pool.classes.index(preds[i].label) for i in ok])
+        correct = np.array([pool.classes.index(preds[i].label) for i in ok]) == y
         truth_ai = y != human
+        # AUC over the whole test set; accuracy and the flagged share over the source alone
+        on_source = figures(correct[is_held], truth_ai[is_held], p_ai[is_held], model.threshold)
+        flagged = on_source["ai_detected_rate" if truth_ai[is_held].all() else "human_flagged_rate"]
         table.append({
             "source": source,
             "label": sorted({pool.classes[y_] for _, y_ in held}),
             "n_held_out": int(is_held.sum()),
             "n_reference": int((~is_held).sum()),
-            "auc": float(skm.roc_auc_score(truth_ai, p_ai)) if len(set(truth_ai)) == 2 else None,
-            "accuracy": float((pred_label[is_held] == y[is_held]).mean()),
-            "flagged_rate": None if model.threshold is None
-            else float((p_ai[is_held] >= model.threshold).mean()),
+            "auc": figures(correct, truth_ai, p_ai, None)["ai_vs_human_auc"],
+            "accuracy": on_source["accuracy"],
+            "flagged_rate": flagged,
             "trained_on": int(len(keep)),
         })
         write_json(out / "crossval.json", _summary(table, cfg, manifest))  # survives interruption

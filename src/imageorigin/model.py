@@ -94,6 +94,13 @@ class Classifier(nn.Module):
             self.backbone.eval()
         return self
 
+    def scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Calibrated probabilities (B, C) = softmax(logits / temperature), and
+        p_ai (B,) = 1 - p(human), None for a model without a human class."""
+        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=1)
+        h = self.human_index
+        return probs, None if h is None else 1.0 - probs[:, h]
+
     @property
     def human_index(self) -> int | None:
         """Index of the human-created class, or None if the model has none."""

@@ -62,7 +62,6 @@ def predict(
     names = [f"<image {i}>" if isinstance(x, Image.Image) else str(x) for i, x in enumerate(items)]
     model.eval()
     dl = loader(ImageDataset(items, model.transform), batch_size, num_workers=num_workers)
-    human = model.human_index
     dev = next(model.parameters()).device
     pending: dict[int, Prediction] = {}
     next_out = 0
@@ -71,10 +70,9 @@ def predict(
             for i, err in failures:
                 pending[i] = Prediction(names[i], error=err)
             if images is not None:
-                logits = model(images.to(dev)).float().cpu()  # (B, C)
-                probs = torch.softmax(logits / model.temperature, dim=1)  # (B, C)
-                for i, p in zip(idx.tolist(), probs.tolist()):
-                    p_ai = None if human is None else 1.0 - p[human]
+                probs, ai = model.scores(model(images.to(dev)))  # (B, C), (B,) or None
+                ai = [None] * len(probs) if ai is None else ai.tolist()
+                for i, p, p_ai in zip(idx.tolist(), probs.tolist(), ai):
                     pending[i] = Prediction(
                         names[i],
                         label=model.labels[max(range(len(p)), key=p.__getitem__)],

@@ -245,9 +245,8 @@ def _calibrate(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, prog
     logits, y = _logits(model, folder, cfg, progress)
     model.temperature = fit_temperature(logits, y)
     if model.human_index is not None and (y == model.human_index).any():
-        probs = torch.softmax(logits.cpu() / model.temperature, 1).numpy()
-        p_ai = 1.0 - probs[:, model.human_index]
-        model.threshold = choose_threshold(p_ai, y.cpu().numpy() == model.human_index,
+        _, p_ai = model.scores(logits)
+        model.threshold = choose_threshold(p_ai.numpy(), y.cpu().numpy() == model.human_index,
                                            cfg.target_fpr)
 
 
