@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ RAW = SHARED / "raw-samples"
 
 
 def pytest_configure(config):
+    # Converted models and cached features go to a folder of this run, not ~/.cache.
+    os.environ.setdefault("IMAGEORIGIN_CACHE", tempfile.mkdtemp(prefix="imageorigin-test-cache-"))
     if not (BENCH / "manifest.csv").is_file() or not (RAW / "manifest.csv").is_file():
         raise pytest.UsageError(
             f"test data not found under {SHARED}: put the shared folder beside the repository "

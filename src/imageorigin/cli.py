@@ -14,6 +14,7 @@ from typing import Iterable, TextIO
 from . import backbones
 from .crossval import crossval, to_markdown
 from .data import DataFolderError
+from .engine import ENGINES, PRECISIONS
 from .evaluate import evaluate
 from .fileio import atomic_path
 from .images import find_images
@@ -83,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the JPEG / downscale / blur sweep (8 more passes over the data)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--workers", dest="num_workers", type=int, default=None)
+    _add_engine_options(e)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_evaluate)
 
@@ -93,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", metavar="FILE", help="write here instead of standard output")
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--workers", dest="num_workers", type=int, default=None)
+    _add_engine_options(r)
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_predict)
 
@@ -112,6 +115,14 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_audit)
     return p
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="inference engine (default: OpenVINO on a CPU, PyTorch on a GPU)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32 forces full precision; bf16 is faster but only safe for models "
+                        "checked for it (default: the precision stored in the model)")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -142,6 +153,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("--train-crop", type=int, default=d.train_crop,
                    help="train on random crops of this size (0: the centre crop)")
+    p.add_argument("--no-cache", dest="feature_cache", action="store_false",
+                   help="frozen backbone: run the straightforward loop (augment, backbone, head, "
+                        "every epoch) instead of training the head on cached features")
+    p.add_argument("--views", type=int, default=d.views,
+                   help="augmented views per image in the feature cache (default: %(default)s)")
+    p.add_argument("--cache-dir", default=d.cache_dir, metavar="DIR",
+                   help="feature cache folder (default: $IMAGEORIGIN_CACHE/features, "
+                        "else ~/.cache/imageorigin/features)")
     p.add_argument("--workers", dest="num_workers", type=int, default=None,
                    help="decoding worker processes (default: up to 2)")
 
@@ -170,7 +189,8 @@ def _crossval(args) -> int:
 def _evaluate(args) -> int:
     result = evaluate(load(args.model), args.data_dir, args.out, manifest=args.manifest,
                       robustness=args.robustness, batch_size=args.batch_size,
-                      num_workers=args.num_workers, progress=not args.quiet)
+                      num_workers=args.num_workers, progress=not args.quiet, engine=args.engine,
+                      precision=args.precision)
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     tpr = (result["tpr_at_fpr"] or {}).get("0.05")
     print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
@@ -188,7 +208,8 @@ def _predict(args) -> int:
     if not files:
         raise ValueError(f"no image files found in {' '.join(args.paths)}")
     preds = predict(model, files, batch_size=args.batch_size, num_workers=args.num_workers,
-                    progress=not args.quiet and sys.stderr.isatty())
+                    progress=not args.quiet and sys.stderr.isatty(), engine=args.engine,
+                    precision=args.precision)
     failed = 0
     with _output(args.out) as out:
         for p in _write(preds, model.labels, args.format, out):

@@ -221,12 +221,19 @@ class ImageDataset(Dataset):
 
     Each item gives ``(index, tensor or None, label, error or None)``: a file that
     cannot be decoded is reported, not raised, so the rest of a batch goes on.
+    ``min_size`` (the transform's resize target) lets large JPEGs decode at
+    reduced size; see :func:`decode_image`.  ``seeds`` (one per item) makes a
+    random transform draw item ``i``'s augmentation from its own seed, the same
+    in any worker and any run.
     """
 
-    def __init__(self, items: Sequence, transform, labels: Sequence[int] | None = None):
+    def __init__(self, items: Sequence, transform, labels: Sequence[int] | None = None,
+                 min_size: int | None = None, seeds: Sequence[int] | None = None):
         self.items = list(items)
         self.transform = transform
         self.labels = labels
+        self.min_size = min_size
+        self.seeds = seeds
 
     def __len__(self) -> int:
         return len(self.items)
@@ -235,8 +242,12 @@ class ImageDataset(Dataset):
         item = self.items[i]
         label = -1 if self.labels is None else self.labels[i]
         try:
-            image = item if hasattr(item, "mode") else decode_image(item)
-            return i, self.transform(image), label, None
+            image = item if hasattr(item, "mode") else decode_image(item, min_size=self.min_size)
+            if self.seeds is None:
+                return i, self.transform(image), label, None
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seeds[i])
+                return i, self.transform(image), label, None
         except ImageDecodeError as err:
             return i, None, label, str(err)
 

@@ -82,8 +82,12 @@ def evaluate(
     batch_size: int = 32,
     num_workers: int | None = None,
     progress: bool = False,
+    engine: str = "auto",
+    precision: str | None = None,
 ) -> dict:
     """Evaluate ``model`` on a folder with one sub-folder per class (named as its labels).
+
+    ``engine`` and ``precision`` choose how the forward pass runs (see :func:`predict`).
 
     Returns the metrics dict: ``accuracy``, ``loss`` (mean cross-entropy),
     ``labels``, ``confusion_matrix`` (rows = true class, in ``labels`` order),
@@ -116,8 +120,9 @@ def evaluate(
     folder = data if isinstance(data, LabelledFolder) else scan_folder(data, classes=model.labels)
     paths = [p for p, _ in folder.samples]
     truth = [y for _, y in folder.samples]
+    run = {"engine": engine, "precision": precision}
     preds = list(predict(model, paths, batch_size=batch_size, num_workers=num_workers,
-                         progress=progress))
+                         progress=progress, **run))
     ok = [i for i, p in enumerate(preds) if p.error is None]
     if not ok:
         raise ValueError(f"{folder.root}: none of the {len(preds)} images could be read")
@@ -174,7 +179,8 @@ def evaluate(
         result["mean_auc_vs_human"] = float(np.mean(aucs)) if aucs else None
     if robustness:
         result["robustness"] = robustness_sweep(
-            model, [paths[i] for i in ok], y, y_pred, p_ai, batch_size=batch_size, progress=progress)
+            model, [paths[i] for i in ok], y, y_pred, p_ai, batch_size=batch_size, progress=progress,
+            **run)
     result.update(reliability=bins, reliability_ai=bins_ai, curves=ranks["curves"])
 
     if out_dir is not None:
@@ -342,7 +348,7 @@ def per_source(sources: np.ndarray, y: np.ndarray, y_pred: np.ndarray, is_ai: np
 
 def robustness_sweep(model: Classifier, paths: Sequence, y: np.ndarray, y_pred: np.ndarray,
                      p_ai: np.ndarray | None, *, batch_size: int = 32,
-                     progress: bool = False) -> list[dict]:
+                     progress: bool = False, **run) -> list[dict]:
     """Figures on the clean images and under every perturbation of :data:`SWEEP`.
 
     ``paths``: the readable images, with their true classes ``y`` and clean
@@ -352,6 +358,7 @@ def robustness_sweep(model: Classifier, paths: Sequence, y: np.ndarray, y_pred: 
     "blur"), ``param`` (JPEG quality, scale factor, blur sigma), the
     :func:`figures` of that setting, ``label_changed`` (fraction of images whose
     predicted class differs from the clean one) and ``mean_abs_delta_p_ai``.
+    ``run``: ``engine`` / ``precision`` for :func:`predict`.
     """
     human = model.human_index
     is_ai = None if human is None else y != human
@@ -365,7 +372,7 @@ def robustness_sweep(model: Classifier, paths: Sequence, y: np.ndarray, y_pred: 
                 items = [PERTURBATIONS[name](im, param) for im in images]
                 # One batch per call: decoding it in-process is cheaper than
                 # starting loader workers for it.
-                for p in predict(model, items, batch_size=batch_size, num_workers=0):
+                for p in predict(model, items, batch_size=batch_size, num_workers=0, **run):
                     probs[(name, param)].append([p.probs[l] for l in model.labels])
                 bar.update(len(items))
     rows = [{"perturbation": "clean", "param": None,

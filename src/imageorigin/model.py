@@ -48,7 +48,9 @@ class Classifier(nn.Module):
     Attributes that travel with the checkpoint: ``labels``, ``display_names``,
     ``human_label``, ``preprocessing`` (see :func:`imageorigin.data.eval_transform`),
     ``temperature`` (logits are divided by it before the softmax: calibration),
-    ``threshold`` (p_ai at or above it means "AI-generated") and ``info``.
+    ``threshold`` (p_ai at or above it means "AI-generated"), ``inference_precision``
+    ("bf16" only if checked to give the fp32 answers, see
+    :func:`imageorigin.engine.check_precision`; else "fp32") and ``info``.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class Classifier(nn.Module):
         preprocessing: dict | None = None,
         threshold: float | None = None,
         temperature: float = 1.0,
+        inference_precision: str = "fp32",
         info: dict | None = None,
     ):
         super().__init__()
@@ -76,6 +79,7 @@ class Classifier(nn.Module):
         self.preprocessing = preprocessing or default_preprocessing(spec.mean, spec.std, spec.size)
         self.threshold = threshold
         self.temperature = float(temperature)
+        self.inference_precision = inference_precision
         self.info = dict(info or {})
         self.transform = eval_transform(self.preprocessing)
 
@@ -123,6 +127,7 @@ class Classifier(nn.Module):
             "preprocessing": self.preprocessing,
             "threshold": self.threshold,
             "temperature": self.temperature,
+            "inference_precision": self.inference_precision,
             "info": self.info,
         }
 
@@ -204,6 +209,7 @@ def _load_safetensors(path: Path) -> Classifier:
         preprocessing=meta["preprocessing"],
         threshold=meta.get("threshold"),
         temperature=meta.get("temperature", 1.0),
+        inference_precision=meta.get("inference_precision", "fp32"),
         info=meta.get("info"),
     )
     clf.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})

@@ -9,11 +9,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Union
 
-import torch
 from PIL import Image
 from tqdm import tqdm
 
 from .data import ImageDataset, loader
+from .engine import cached_engine
 from .model import Classifier
 
 Item = Union[str, os.PathLike, Image.Image]
@@ -40,7 +40,6 @@ class Prediction:
         return out
 
 
-@torch.inference_mode()
 def predict(
     model: Classifier,
     items: Iterable[Item],
@@ -48,21 +47,28 @@ def predict(
     batch_size: int = 32,
     num_workers: int | None = None,
     progress: bool = False,
+    engine: str = "auto",
+    precision: str | None = None,
 ) -> Iterator[Prediction]:
     """Classify image files or PIL images; yields one Prediction per item, in order.
 
     Files are decoded by :func:`imageorigin.images.decode_image` in worker
-    processes while the model runs; a file that cannot be decoded gives a
-    Prediction with ``error`` set, and the rest go on.  Probabilities are the
+    processes while the model runs (large JPEGs at reduced size, see there); a
+    file that cannot be decoded gives a Prediction with ``error`` set, and the
+    rest go on.  The forward pass runs on :func:`imageorigin.engine.create_engine`'s
+    ``engine`` in ``precision`` (default: the model's checked
+    ``inference_precision``; "fp32" forces full precision).  Memory stays flat
+    however many items there are: only a few batches are in flight at a time.  Probabilities are the
     softmax of the logits divided by the model's calibrated ``temperature``.
     ``p_ai`` is ``1 - p(human)`` for models that have a human class, and
     ``is_ai`` is ``p_ai >= model.threshold`` when the model stores a threshold.
     """
     items = list(items)
     names = [f"<image {i}>" if isinstance(x, Image.Image) else str(x) for i, x in enumerate(items)]
-    model.eval()
-    dl = loader(ImageDataset(items, model.transform), batch_size, num_workers=num_workers)
-    dev = next(model.parameters()).device
+    run = cached_engine(model, engine, precision or model.inference_precision,
+                        model.preprocessing["crop"])
+    dl = loader(ImageDataset(items, model.transform, min_size=model.preprocessing["resize"]),
+                batch_size, num_workers=num_workers)
     pending: dict[int, Prediction] = {}
     next_out = 0
     with tqdm(total=len(items), unit="img", disable=not progress, leave=False) as bar:
@@ -70,7 +76,7 @@ def predict(
             for i, err in failures:
                 pending[i] = Prediction(names[i], error=err)
             if images is not None:
-                probs, ai = model.scores(model(images.to(dev)))  # (B, C), (B,) or None
+                probs, ai = model.scores(run(images))  # (B, C), (B,) or None
                 ai = [None] * len(probs) if ai is None else ai.tolist()
                 for i, p, p_ai in zip(idx.tolist(), probs.tolist(), ai):
                     pending[i] = Prediction(

@@ -16,6 +16,7 @@ import ctypes.util
 import functools
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -42,3 +43,12 @@ def device() -> torch.device:
     """Where models run: ``IMAGEORIGIN_DEVICE`` if set, else CUDA when present, else the CPU."""
     name = os.environ.get("IMAGEORIGIN_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def cache_dir() -> Path:
+    """Where converted models and cached features live: ``IMAGEORIGIN_CACHE``, else
+    ``$XDG_CACHE_HOME/imageorigin`` (``~/.cache/imageorigin``)."""
+    if os.environ.get("IMAGEORIGIN_CACHE"):
+        return Path(os.environ["IMAGEORIGIN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "imageorigin"

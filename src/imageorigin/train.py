@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import backbones, report
+from . import backbones, features, report
 from .calibrate import choose_threshold, fit_temperature
 from .data import (
     ImageDataset,
@@ -36,6 +36,7 @@ from .data import (
     stratified_split,
     train_transform,
 )
+from .engine import check_precision, create_engine
 from .evaluate import evaluate
 from .fileio import write_json
 from .model import Classifier, save
@@ -68,6 +69,12 @@ class TrainConfig:
     blur: float = 0.0  # probability of a random Gaussian blur
     image_size: int = 224  # resize the shorter side and centre crop to this
     train_crop: int = 0  # >0: train on random crops of this size
+    # Frozen backbone only: compute the features of `views` augmented views of
+    # each image once (kept on disk in cache_dir, default ~/.cache/imageorigin)
+    # and train the head on them.  False: the straightforward loop.
+    feature_cache: bool = True
+    views: int = 2
+    cache_dir: str | None = None
     num_workers: int | None = None
 
 
@@ -114,25 +121,36 @@ def train(
 
     augment = {"flip": cfg.flip, "rotation": cfg.rotation, "color_jitter": cfg.color_jitter,
                "jpeg": cfg.jpeg, "blur": cfg.blur, "random_crop": cfg.train_crop}
-    train_dl = loader(
-        ImageDataset([p for p, _ in train_set.samples], train_transform(model.preprocessing, augment),
-                     [y for _, y in train_set.samples]),
-        cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed,
-    )
+    cached = cfg.feature_cache and not cfg.finetune
+    out.mkdir(parents=True, exist_ok=True)
+    report.collage(train_set, out / "collage.png")
+    if cached:
+        # The frozen backbone's features of K augmented views of each image,
+        # computed once (or read from the cache); each epoch draws one view per image.
+        features = _FeatureSource(model, cfg, augment, progress)
+        views = features.train_views(train_set)
+        epoch_batches = lambda epoch: views.batches(epoch)  # noqa: E731
+        steps = views.steps
+        val_logits = features.head_logits(val_set)
+    else:
+        train_dl = loader(
+            ImageDataset([p for p, _ in train_set.samples], train_transform(model.preprocessing, augment),
+                         [y for _, y in train_set.samples], min_size=model.preprocessing["resize"]),
+            cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed,
+        )
+        epoch_batches = lambda epoch: _image_batches(model, train_dl, cfg.finetune)  # noqa: E731
+        steps = len(train_dl)
+        val_logits = _logit_fn(model, val_set, cfg, progress)
     params = model.parameters() if cfg.finetune else model.head.parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) \
         if cfg.weight_decay else torch.optim.Adam(params, lr=cfg.lr)
     scheduler = None
     if cfg.schedule == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, cfg.lr, total_steps=cfg.epochs * len(train_dl), pct_start=0.15)
+            optimizer, cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.15)
     elif cfg.schedule != "constant":
         raise ValueError(f"unknown schedule {cfg.schedule!r}: 'constant' or 'onecycle'")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-
-    out.mkdir(parents=True, exist_ok=True)
-    report.collage(train_set, out / "collage.png")
-    val_logits = _logit_fn(model, val_set, cfg, progress)
 
     history: list[dict] = []
     skipped: set[str] = set()
@@ -140,19 +158,15 @@ def train(
     for epoch in range(1, cfg.epochs + 1):
         model.train()  # a frozen backbone stays in eval mode (see Classifier.train)
         total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(train_dl, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress,
-                   leave=False)
-        for _, images, labels, failures in bar:
-            for _, err in failures:
+        bar = tqdm(epoch_batches(epoch), total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+                   disable=not progress, leave=False)
+        for logits, labels, failures in bar:  # (B, C), (B,), unreadable files
+            for err in failures:
                 if err not in skipped:
                     tqdm.write(f"imageorigin: skipping unreadable training image: {err}", file=sys.stderr)
                     skipped.add(err)
-            if images is None:
+            if logits is None:
                 continue
-            images, labels = images.to(dev), labels.to(dev)
-            with torch.set_grad_enabled(cfg.finetune):
-                feats = model.backbone(images)  # (B, D)
-            logits = model.head(feats)  # (B, C)
             loss = loss_fn(logits, labels)
             optimizer.zero_grad()
             loss.backward()
@@ -177,7 +191,7 @@ def train(
                    f"acc {row['train_accuracy']:.3f}  val loss {row['val_loss']:.4f} "
                    f"acc {row['val_accuracy']:.3f}", file=sys.stderr)
         model.info = _info(cfg, train_set, val_set, val is not None, calib_set, history,
-                           sorted(skipped))
+                           sorted(skipped), features.stats if cached else None)
         # Saved every epoch, atomically: an interrupted run keeps its last full epoch.
         save(model, out / "model.safetensors")
         write_json(out / "history.json", history)
@@ -185,7 +199,7 @@ def train(
     if manifest is not None:
         model.info["sources"] = _sources(pool, manifest)
     if calib_set is not None:
-        _calibrate(model, calib_set, cfg, progress)
+        _calibrate(model, calib_set, cfg, progress, features.head_logits if cached else None)
         model.info["calibration"] = {
             "temperature": model.temperature, "threshold": model.threshold,
             "target_fpr": cfg.target_fpr, "counts": calib_set.counts(),
@@ -198,6 +212,90 @@ def train(
                           num_workers=cfg.num_workers, progress=progress, robustness=False)
     report.write_model_card(model, out / "MODEL_CARD.md", evaluation)
     return model.eval()
+
+
+def _image_batches(model: Classifier, dl, finetune: bool):
+    """The straightforward loop's batches: augment, forward through the backbone, the head.
+
+    Yields ``(logits (B, C), labels (B,), unreadable files)``; logits are None
+    for a batch with no readable image.
+    """
+    dev = next(model.parameters()).device
+    for _, images, labels, failures in dl:
+        errors = [err for _, err in failures]
+        if images is None:
+            yield None, None, errors
+            continue
+        images, labels = images.to(dev), labels.to(dev)
+        with torch.set_grad_enabled(finetune):
+            feats = model.backbone(images)  # (B, D)
+        yield model.head(feats), labels, errors
+
+
+class _FeatureSource:
+    """A frozen backbone's features of labelled folders, through the feature cache."""
+
+    def __init__(self, model: Classifier, cfg: TrainConfig, augment: dict, progress: bool):
+        self.model, self.cfg, self.augment, self.progress = model, cfg, augment, progress
+        # Features are computed in fp32: the head is trained on exactly what the
+        # fp32 backbone gives.
+        self.engine = create_engine(model.backbone, input_size=model.preprocessing["crop"])
+        self.context = features.context_dir(model.backbone, model.preprocessing, self.engine,
+                                            cfg.cache_dir)
+        self.stats = {"views": cfg.views, "cache": str(self.context), "engine": str(self.engine),
+                      "vectors_cached": 0, "vectors_computed": 0}
+
+    def _extract(self, folder: LabelledFolder, transform, names: list[str], desc: str):
+        cfg = self.cfg
+        v = features.extract([p for p, _ in folder.samples], self.engine, transform, names,
+                             self.context, seed=cfg.seed, min_size=self.model.preprocessing["resize"],
+                             batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                             progress=self.progress, desc=desc)
+        self.stats["vectors_cached"] += v.cached
+        self.stats["vectors_computed"] += v.computed
+        y = torch.tensor([y for _, y in folder.samples])
+        return v.features[:, v.ok], y[v.ok], v.errors  # (V, N, D), (N,)
+
+    def train_views(self, folder: LabelledFolder) -> "_CachedEpochs":
+        """``cfg.views`` augmented views of every training image."""
+        names = features.view_names(self.cfg.views, self.augment, self.cfg.seed)
+        feats, y, errors = self._extract(folder, train_transform(self.model.preprocessing, self.augment),
+                                         names, "augmented views")
+        return _CachedEpochs(self.model, feats, y, errors, self.cfg.batch_size, self.cfg.seed)
+
+    def head_logits(self, folder: LabelledFolder):
+        """A function giving the current head's logits (N, C) on the folder, and labels (N,)."""
+        feats, y, _ = self._extract(folder, self.model.transform, ["eval"], "features")
+        dev = next(self.model.head.parameters()).device
+        feats, y = feats[0].to(dev), y.to(dev)
+
+        def head_only():
+            with torch.no_grad():
+                return self.model.head(feats), y
+
+        return head_only
+
+
+class _CachedEpochs:
+    """Head-training batches from cached features: each epoch a fresh shuffle, and
+    for each image one of its K augmented views, drawn at random."""
+
+    def __init__(self, model: Classifier, feats: torch.Tensor, y: torch.Tensor, errors: list[str],
+                 batch_size: int, seed: int):
+        dev = next(model.head.parameters()).device
+        self.model, self.feats, self.y = model, feats.to(dev), y.to(dev)  # (K, N, D), (N,)
+        self.errors, self.batch_size = errors, batch_size
+        self.steps = -(-len(y) // batch_size)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def batches(self, epoch: int):
+        k, n, _ = self.feats.shape
+        order = torch.randperm(n, generator=self.generator)
+        view = torch.randint(k, (n,), generator=self.generator)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield (self.model.head(self.feats[view[idx], idx]), self.y[idx],
+                   self.errors if start == 0 else [])
 
 
 def _logits(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, progress: bool,
@@ -240,14 +338,24 @@ def _logit_fn(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, progr
     return head_only
 
 
-def _calibrate(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, progress: bool) -> None:
-    """Fit the temperature and the AI-vs-human threshold on held-out training data."""
-    logits, y = _logits(model, folder, cfg, progress)
+def _calibrate(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, progress: bool,
+               head_logits=None) -> None:
+    """Fit the temperature and the AI-vs-human threshold on held-out training data,
+    and check whether the model may run in bf16 (:func:`imageorigin.engine.check_precision`)."""
+    logits, y = head_logits(folder)() if head_logits else _logits(model, folder, cfg, progress)
     model.temperature = fit_temperature(logits, y)
     if model.human_index is not None and (y == model.human_index).any():
         _, p_ai = model.scores(logits)
         model.threshold = choose_threshold(p_ai.numpy(), y.cpu().numpy() == model.human_index,
                                            cfg.target_fpr)
+    # bf16 doubles CPU speed, but only some models give the fp32 answers in it.
+    images = torch.cat([x for _, x, _, _ in loader(
+        ImageDataset([p for p, _ in folder.samples[:256]], model.transform,
+                     min_size=model.preprocessing["resize"]),
+        cfg.batch_size, num_workers=0) if x is not None])
+    check = check_precision(model, images)
+    model.inference_precision = check["precision"]
+    model.info["precision_check"] = check
 
 
 def _sources(folder: LabelledFolder, manifest) -> dict:
@@ -262,13 +370,14 @@ def _sources(folder: LabelledFolder, manifest) -> dict:
     return out
 
 
-def _info(cfg, train_set, val_set, val_given, calib_set, history, skipped) -> dict:
+def _info(cfg, train_set, val_set, val_given, calib_set, history, skipped, cache_stats) -> dict:
     last = history[-1]
     roots = sorted({str(Path(p).parent.parent) for p, _ in train_set.samples})
     return {
         "training": {
             **asdict(cfg),
             "recipe": ("fine-tuned backbone" if cfg.finetune else "frozen backbone (eval mode)")
+            + ("" if cache_stats is None else f", head trained on {cfg.views} cached augmented views")
             + f", linear head, {'AdamW' if cfg.weight_decay else 'Adam'}, cross-entropy",
             "data_dir": ", ".join(roots),
             "val_dir": ", ".join(sorted({str(Path(p).parent.parent) for p, _ in val_set.samples})),
@@ -277,6 +386,7 @@ def _info(cfg, train_set, val_set, val_given, calib_set, history, skipped) -> di
             "val_counts": val_set.counts(),
             "calibration_counts": None if calib_set is None else calib_set.counts(),
             "skipped_files": skipped,
+            "feature_cache": cache_stats,
             "wall_seconds": last["seconds"],
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         },
