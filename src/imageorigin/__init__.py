@@ -9,6 +9,7 @@
 from .backbones import BackboneWeightsError
 from .data import DataFolderError
 from .evaluate import evaluate
+from .export import export_onnx
 from .images import ImageDecodeError, decode_image
 from .model import CheckpointError, Classifier, export_seed, load, save
 from .predict import Prediction, predict
@@ -26,6 +27,7 @@ __all__ = [
     "TrainConfig",
     "decode_image",
     "evaluate",
+    "export_onnx",
     "export_seed",
     "load",
     "predict",

@@ -16,6 +16,7 @@ from .crossval import crossval, to_markdown
 from .data import DataFolderError
 from .engine import ENGINES, PRECISIONS
 from .evaluate import evaluate
+from .export import export_onnx
 from .fileio import atomic_path
 from .images import find_images
 from .model import CheckpointError, export_seed, load
@@ -99,9 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_predict)
 
-    x = sub.add_parser("export", help="write a DenseNet121 model in the seed's .pth layout")
-    x.add_argument("model", metavar="MODEL")
-    x.add_argument("out", metavar="OUT.pth")
+    x = sub.add_parser("export", help="write a model as ONNX (OUT.onnx) or, for DenseNet121 models, "
+                                      "in the seed's .pth layout (OUT.pth)")
+    x.add_argument("model", metavar="MODEL", help="checkpoint path or 'default'")
+    x.add_argument("out", metavar="OUT", help="OUT.onnx or OUT.pth")
     x.set_defaults(func=_export)
 
     i = sub.add_parser("info", help="print a model's labels, preprocessing, settings and metrics")
@@ -258,7 +260,12 @@ def _cell(v) -> str:
 
 
 def _export(args) -> int:
-    path = export_seed(load(args.model), args.out)
+    if args.out.endswith(".onnx"):
+        path = export_onnx(load(args.model), args.out)
+    elif args.out.endswith(".pth"):
+        path = export_seed(load(args.model), args.out)
+    else:
+        raise ValueError(f"{args.out}: name the output .onnx (ONNX) or .pth (the seed's layout)")
     print(f"wrote {path}")
     return 0
 

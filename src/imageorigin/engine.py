@@ -35,6 +35,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -172,7 +173,9 @@ def _converted(module: nn.Module, input_size: int) -> Path:
     if xml.is_file() and xml.with_suffix(".bin").is_file():
         return xml
     example = torch.zeros(1, 3, input_size, input_size)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # OpenVINO traces the module with torch.jit, which warns that it is deprecated.
+        warnings.simplefilter("ignore", FutureWarning)
         converted = ov.convert_model(module, example_input=example)
     # The batch dimension stays dynamic: one conversion serves every batch size.
     converted.reshape([-1, 3, input_size, input_size])

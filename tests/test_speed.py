@@ -1,0 +1,205 @@
+"""The fast paths give the answers of the plain ones: engines, reduced-size JPEG
+decoding, ONNX export, and the feature cache with its invalidation.
+
+Timings are not tested here; benchmarks/speed.py measures them.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from PIL import Image
+
+import imageorigin
+from imageorigin import features
+from imageorigin.backbones import build_backbone
+from imageorigin.cli import main
+from imageorigin.data import eval_transform, train_transform
+from imageorigin.engine import cached_engine, check_precision, create_engine
+from imageorigin.images import decode_image, find_images
+
+AGREEMENT = {"same_label": 0.995, "max_prob_diff": 0.02}  # the speed issue's targets
+
+
+@pytest.fixture(scope="module")
+def default():
+    return imageorigin.load("default")
+
+
+@pytest.fixture(scope="module")
+def val_images(bench):
+    """48 native/val files, 16 per class."""
+    return [f for c in ("dalle", "human", "other_ai")
+            for f in sorted((bench / "native/val" / c).iterdir())[:16]]
+
+
+def _reference_probs(model, files):
+    """The plain path: full-size decode, eager fp32 PyTorch forward."""
+    x = torch.stack([model.transform(decode_image(f)) for f in files])
+    with torch.no_grad():
+        return model.scores(model(x))[0]
+
+
+def _probs(preds, labels):
+    return torch.tensor([[p.probs[l] for l in labels] for p in preds])
+
+
+def test_predict_agrees_with_the_fp32_reference(default, val_images):
+    ref = _reference_probs(default, val_images)
+    fast = _probs(imageorigin.predict(default, val_images), default.labels)
+    assert (fast.argmax(1) == ref.argmax(1)).float().mean() >= AGREEMENT["same_label"]
+    assert (fast - ref).abs().max() <= AGREEMENT["max_prob_diff"]
+
+
+@pytest.mark.parametrize("engine", ["openvino", "torch"])
+def test_each_engine_in_fp32_matches_pytorch(default, val_images, engine):
+    x = torch.stack([default.transform(decode_image(f)) for f in val_images[:16]])
+    with torch.no_grad():
+        ref = default(x)
+    run = create_engine(default, engine, precision="fp32", input_size=x.shape[-1])
+    assert run.name == engine and run.precision == "fp32"
+    assert torch.allclose(run(x), ref, atol=1e-3)
+    # the batch dimension is free: a batch of one gives the same row
+    assert torch.allclose(run(x[:1]), ref[:1], atol=1e-3)
+
+
+def test_default_model_is_kept_in_fp32_because_bf16_changes_its_answers(default, val_images):
+    # bf16 rounds away the pixel-level traces the fine-tuned model reads
+    x = torch.stack([default.transform(decode_image(f)) for f in val_images])
+    check = check_precision(default, x)
+    assert check["precision"] == "fp32"
+    assert check["max_prob_diff"] > 0.01 and check["images"] == len(val_images)
+    assert default.inference_precision == "fp32"
+    assert str(cached_engine(default, "auto", default.inference_precision, 256)) == "openvino fp32"
+
+
+def test_a_model_that_is_insensitive_to_bf16_is_allowed_it(val_images):
+    model = imageorigin.Classifier(build_backbone("mobilenet_v2"), ["dalle", "human", "other_ai"])
+    torch.nn.init.zeros_(model.head.weight)  # every image scores the bias alone, in any precision
+    x = torch.stack([model.transform(decode_image(f)) for f in val_images[:8]])
+    check = check_precision(model.eval(), x)
+    assert check == {"precision": "bf16", "images": 8, "same_label": 1.0, "max_prob_diff": 0.0}
+
+
+def test_large_jpegs_decode_at_reduced_size_with_the_same_answer(default, raw):
+    big = raw / "dalle/eudoxia0_gallery_of_sand__dalle2__timon__pollock__6.jpg"
+    full, reduced = decode_image(big), decode_image(big, min_size=256)
+    assert full.size == (1024, 1024) and reduced.size == (512, 512)  # DCT-scaled by 1/2
+    small = raw / "human/bsds500__real_photo__test_65084.jpg"  # under 2x the target: untouched
+    assert decode_image(small, min_size=256).size == decode_image(small).size
+    with torch.no_grad():
+        p = [default.scores(default(default.transform(im)[None]))[0] for im in (full, reduced)]
+    assert (p[0] - p[1]).abs().max() < 0.005
+
+
+def test_onnx_export_matches_pytorch_in_onnx_runtime(default, val_images, tmp_path):
+    path = tmp_path / "default.onnx"
+    assert main(["export", "default", str(path)]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["labels"]) == default.labels
+    assert json.loads(meta["preprocessing"]) == default.preprocessing
+    assert json.loads(meta["threshold"]) == pytest.approx(default.threshold)
+    assert json.loads(meta["imageorigin"])["temperature"] == pytest.approx(default.temperature)
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for files in (val_images[:5], val_images[:1]):  # two batch sizes: the batch is dynamic
+        x = torch.stack([default.transform(decode_image(f)) for f in files])
+        with torch.no_grad():
+            ref = default(x)
+        logits, probs = session.run(["logits", "probs"], {"image": x.numpy()})
+        np.testing.assert_allclose(logits, ref.numpy(), atol=1e-4)
+        np.testing.assert_allclose(probs, default.scores(ref)[0].numpy(), atol=1e-5)
+
+
+def test_export_refuses_an_unknown_format(tmp_path, capsys):
+    assert main(["export", "default", str(tmp_path / "model.bin")]) == 2
+    assert ".onnx" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- feature cache
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return build_backbone("mobilenet_v2").eval()
+
+
+def _extract(backbone, files, pre, names, root, augment=None):
+    engine = create_engine(backbone, input_size=pre["crop"])
+    transform = eval_transform(pre) if augment is None else train_transform(pre, augment)
+    return features.extract(files, engine, transform, names,
+                            features.context_dir(backbone, pre, engine, root), num_workers=0)
+
+
+def test_feature_cache_hits_and_is_invalidated_by_file_and_preprocessing(backbone, small_folder,
+                                                                         tmp_path, default):
+    folder = small_folder(2)
+    files = sorted(find_images([folder]))
+    pre = dict(default.preprocessing, resize=224, crop=224)
+    augment = {"flip": True, "rotation": 15.0, "color_jitter": 0.2}
+    names = features.view_names(2, augment, seed=0)
+    root = tmp_path / "cache"
+
+    first = _extract(backbone, files, pre, names, root, augment)
+    assert (first.cached, first.computed) == (0, 2 * len(files))
+    again = _extract(backbone, files, pre, names, root, augment)
+    assert (again.cached, again.computed) == (2 * len(files), 0)
+    assert torch.equal(again.features, first.features)
+    # two augmented views of an image differ; each is the same view when recomputed
+    assert not torch.allclose(first.features[0], first.features[1])
+    fresh = _extract(backbone, files, pre, names, tmp_path / "elsewhere", augment)
+    assert torch.allclose(fresh.features, first.features, atol=1e-5)
+
+    # an edited file misses the cache; the others still hit
+    edited = files[0]
+    Image.open(edited).convert("RGB").rotate(90).save(edited, "JPEG")
+    after_edit = _extract(backbone, files, pre, names, root, augment)
+    assert (after_edit.cached, after_edit.computed) == (2 * (len(files) - 1), 2)
+    assert not torch.allclose(after_edit.features[:, 0], first.features[:, 0])
+
+    # other preprocessing, other cache entries
+    other = _extract(backbone, files, dict(pre, resize=256), names, root, augment)
+    assert (other.cached, other.computed) == (0, 2 * len(files))
+
+
+def test_feature_cache_reports_unreadable_files_and_goes_on(backbone, small_folder, tmp_path, default):
+    folder = small_folder(1)
+    bad = folder / "human" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    files = sorted(find_images([folder]))
+    views = _extract(backbone, files, dict(default.preprocessing, resize=224, crop=224), ["eval"],
+                     tmp_path / "cache")
+    assert views.ok.tolist() == [f != bad for f in files]
+    assert len(views.errors) == 1 and "broken.jpg" in views.errors[0]
+
+
+def test_cached_training_records_views_and_second_run_computes_nothing(small_folder, tmp_path):
+    data = small_folder(8)
+    args = ["train", str(data), "--backbone", "mobilenet_v2", "--epochs", "2", "--views", "3",
+            "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    runs = [imageorigin.load(tmp_path / r / "model.safetensors").info["training"] for r in "ab"]
+    assert runs[0]["views"] == 3 and runs[0]["feature_cache"]["views"] == 3
+    assert runs[0]["feature_cache"]["vectors_computed"] > 0
+    assert runs[1]["feature_cache"]["vectors_computed"] == 0
+    assert runs[1]["feature_cache"]["vectors_cached"] == runs[0]["feature_cache"]["vectors_computed"]
+    assert "3 cached augmented views" in runs[0]["recipe"]
+    same = [json.loads((tmp_path / r / "history.json").read_text())[-1]["val_accuracy"] for r in "ab"]
+    assert same[0] == same[1]
+
+
+def test_no_cache_runs_the_straightforward_loop(small_folder, tmp_path):
+    data = small_folder(8)
+    assert main(["train", str(data), "--backbone", "mobilenet_v2", "--epochs", "2", "--no-cache",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 0
+    info = imageorigin.load(tmp_path / "run" / "model.safetensors").info["training"]
+    assert info["feature_cache"] is None and info["recipe"].startswith("frozen backbone")
+    assert "cached" not in info["recipe"]
+    assert not (tmp_path / "cache").exists()
+    shutil.rmtree(tmp_path / "run")
