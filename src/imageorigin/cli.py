@@ -14,7 +14,7 @@ from typing import Iterable, TextIO
 from . import backbones
 from .crossval import crossval, to_markdown
 from .data import DataFolderError
-from .engine import ENGINES, PRECISIONS
+from .engine import ENGINES, PRECISIONS, cached_engine
 from .evaluate import evaluate
 from .export import export_onnx
 from .fileio import atomic_path
@@ -209,6 +209,10 @@ def _predict(args) -> int:
     files = list(find_images(args.paths))
     if not files:
         raise ValueError(f"no image files found in {' '.join(args.paths)}")
+    if not args.quiet:
+        engine = cached_engine(model, args.engine, args.precision or model.inference_precision,
+                               model.preprocessing["crop"])
+        print(f"imageorigin: {len(files)} images, engine {engine}", file=sys.stderr)
     preds = predict(model, files, batch_size=args.batch_size, num_workers=args.num_workers,
                     progress=not args.quiet and sys.stderr.isatty(), engine=args.engine,
                     precision=args.precision)

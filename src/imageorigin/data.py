@@ -18,6 +18,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from .images import ImageDecodeError, decode_image, find_images
+from .runtime import untune_allocator
 
 
 class DataFolderError(ValueError):
@@ -281,4 +282,5 @@ def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers
         collate_fn=collate,
         generator=generator,
         persistent_workers=False,
+        worker_init_fn=untune_allocator,
     )

@@ -85,7 +85,19 @@ def create_engine(module: nn.Module, engine: str = "auto", *, precision: str = "
     on_cpu = next(module.parameters()).device.type == "cpu"
     if engine == "openvino" or (engine == "auto" and on_cpu):
         try:
-            return _openvino(module, fp32, input_size)
+            head = getattr(module, "head", None)
+            if head is None:
+                return _openvino(module, fp32, input_size)
+            # A classifier: OpenVINO runs the backbone, PyTorch the (B, D) x (D, C)
+            # head in fp32.  One converted backbone then serves every head
+            # trained on it, and the feature cache's engine is the same one.
+            features = _openvino(module.backbone, fp32, input_size)
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                with torch.inference_mode():
+                    return head(features(x))
+
+            return Engine(features.name, features.precision, run)
         except Exception as err:  # ImportError, or a conversion failure: say so, go on
             if engine == "openvino":
                 raise RuntimeError(f"OpenVINO engine unavailable: {err}") from err

@@ -23,17 +23,34 @@ import torch
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _ONE_GIB = 1 << 30
+_WORKER_THRESHOLD = 4 << 20
 
 
 @functools.cache
 def tune_allocator() -> bool:
     """Keep large freed blocks on the heap (glibc only).  Returns whether it applied."""
+    return _mallopt(_ONE_GIB)
+
+
+def untune_allocator(*_) -> bool:
+    """Smaller thresholds for decoding worker processes (forked from a tuned one).
+
+    Workers allocate images of every size and hand each batch over; with 1 GiB
+    thresholds their heaps grow with every image (measured: +700 MB each over
+    6,000 images), with glibc's default 128 KiB they page-fault every image
+    buffer in (augmenting 25% slower).  4 MiB keeps them flat at 20-70 MB
+    and as fast as 1 GiB.
+    """
+    return _mallopt(_WORKER_THRESHOLD)
+
+
+def _mallopt(threshold: int) -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _ONE_GIB)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, _ONE_GIB)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, threshold)
         )
     except (OSError, AttributeError):
         return False
