@@ -128,11 +128,11 @@ def backbone():
     return build_backbone("mobilenet_v2").eval()
 
 
-def _extract(backbone, files, pre, names, root, augment=None):
+def _extract(backbone, files, pre, names, root, augment=None, **kw):
     engine = create_engine(backbone, input_size=pre["crop"])
     transform = eval_transform(pre) if augment is None else train_transform(pre, augment)
     return features.extract(files, engine, transform, names,
-                            features.context_dir(backbone, pre, engine, root), num_workers=0)
+                            features.context_dir(backbone, pre, engine, root), **{"num_workers": 0, **kw})
 
 
 def test_feature_cache_hits_and_is_invalidated_by_file_and_preprocessing(backbone, small_folder,
@@ -149,9 +149,11 @@ def test_feature_cache_hits_and_is_invalidated_by_file_and_preprocessing(backbon
     again = _extract(backbone, files, pre, names, root, augment)
     assert (again.cached, again.computed) == (2 * len(files), 0)
     assert torch.equal(again.features, first.features)
-    # two augmented views of an image differ; each is the same view when recomputed
+    # two augmented views of an image differ; each is the same view when recomputed,
+    # even by concurrent decoding threads in other batches
     assert not torch.allclose(first.features[0], first.features[1])
-    fresh = _extract(backbone, files, pre, names, tmp_path / "elsewhere", augment)
+    fresh = _extract(backbone, files, pre, names, tmp_path / "elsewhere", augment,
+                     num_workers=3, batch_size=1)
     assert torch.allclose(fresh.features, first.features, atol=1e-5)
 
     # an edited file misses the cache; the others still hit

@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-robustness", dest="robustness", action="store_false",
                    help="skip the JPEG / downscale / blur sweep (8 more passes over the data)")
     e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--workers", dest="num_workers", type=int, default=None)
+    e.add_argument("--workers", dest="num_workers", type=int, default=None,
+                   help="decoding threads (default: one per CPU, at most 8)")
     _add_engine_options(e)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_evaluate)
@@ -95,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--format", choices=("table", "csv", "jsonl"), default="table")
     r.add_argument("--out", metavar="FILE", help="write here instead of standard output")
     r.add_argument("--batch-size", type=int, default=32)
-    r.add_argument("--workers", dest="num_workers", type=int, default=None)
+    r.add_argument("--workers", dest="num_workers", type=int, default=None,
+                   help="decoding threads (default: one per CPU, at most 8)")
     _add_engine_options(r)
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_predict)
@@ -164,7 +166,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="feature cache folder (default: $IMAGEORIGIN_CACHE/features, "
                         "else ~/.cache/imageorigin/features)")
     p.add_argument("--workers", dest="num_workers", type=int, default=None,
-                   help="decoding worker processes (default: up to 2)")
+                   help="decoding worker processes for training batches, threads for "
+                        "feature extraction and validation (default: up to 2 / one per CPU)")
 
 
 def _config(args) -> TrainConfig:

@@ -370,8 +370,8 @@ def robustness_sweep(model: Classifier, paths: Sequence, y: np.ndarray, y_pred: 
             images = [decode_image(p) for p in paths[start:start + batch_size]]
             for name, param in SWEEP:
                 items = [PERTURBATIONS[name](im, param) for im in images]
-                # One batch per call: decoding it in-process is cheaper than
-                # starting loader workers for it.
+                # One batch of images already in memory per call: nothing to
+                # decode ahead.
                 for p in predict(model, items, batch_size=batch_size, num_workers=0, **run):
                     probs[(name, param)].append([p.probs[l] for l in model.labels])
                 bar.update(len(items))

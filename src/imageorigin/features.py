@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import ImageDataset, loader
+from .data import ImageDataset, batches
 from .engine import Engine, module_digest
 from .fileio import atomic_path
 from .runtime import cache_dir
@@ -108,7 +108,7 @@ def extract(files: Sequence[str | os.PathLike], engine: Engine, transform, names
         seeds = [_view_seed(seed, digests[i], names[v]) for i, v in todo]
         dataset = ImageDataset([files[i] for i, _ in todo], transform, min_size=min_size, seeds=seeds)
         with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-            for idx, images, _, failures in loader(dataset, batch_size, num_workers=num_workers):
+            for idx, images, _, failures in batches(dataset, batch_size, threads=num_workers):
                 for j, err in failures:
                     bad[todo[j][0]] = err
                 if images is not None:

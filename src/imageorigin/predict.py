@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Union
 from PIL import Image
 from tqdm import tqdm
 
-from .data import ImageDataset, loader
+from .data import ImageDataset, batches
 from .engine import cached_engine
 from .model import Classifier
 
@@ -52,10 +52,10 @@ def predict(
 ) -> Iterator[Prediction]:
     """Classify image files or PIL images; yields one Prediction per item, in order.
 
-    Files are decoded by :func:`imageorigin.images.decode_image` in worker
-    processes while the model runs (large JPEGs at reduced size, see there); a
-    file that cannot be decoded gives a Prediction with ``error`` set, and the
-    rest go on.  The forward pass runs on :func:`imageorigin.engine.create_engine`'s
+    Files are decoded by :func:`imageorigin.images.decode_image` (large JPEGs
+    at reduced size, see there) in ``num_workers`` threads while the model
+    runs (:func:`imageorigin.data.batches`); a file that cannot be decoded
+    gives a Prediction with ``error`` set, and the rest go on.  The forward pass runs on :func:`imageorigin.engine.create_engine`'s
     ``engine`` in ``precision`` (default: the model's checked
     ``inference_precision``; "fp32" forces full precision).  Memory stays flat
     however many items there are: only a few batches are in flight at a time.  Probabilities are the
@@ -67,8 +67,8 @@ def predict(
     names = [f"<image {i}>" if isinstance(x, Image.Image) else str(x) for i, x in enumerate(items)]
     run = cached_engine(model, engine, precision or model.inference_precision,
                         model.preprocessing["crop"])
-    dl = loader(ImageDataset(items, model.transform, min_size=model.preprocessing["resize"]),
-                batch_size, num_workers=num_workers)
+    dl = batches(ImageDataset(items, model.transform, min_size=model.preprocessing["resize"]),
+                 batch_size, threads=num_workers)
     pending: dict[int, Prediction] = {}
     next_out = 0
     with tqdm(total=len(items), unit="img", disable=not progress, leave=False) as bar:
@@ -88,6 +88,6 @@ def predict(
                         else p_ai >= model.threshold,
                     )
             bar.update(len(failures) + (0 if images is None else len(images)))
-            while next_out in pending:  # the loader keeps order; this is cheap insurance
+            while next_out in pending:  # batches keep order; this is cheap insurance
                 yield pending.pop(next_out)
                 next_out += 1

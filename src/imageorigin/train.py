@@ -28,6 +28,7 @@ from .calibrate import choose_threshold, fit_temperature
 from .data import (
     ImageDataset,
     LabelledFolder,
+    batches,
     default_preprocessing,
     loader,
     match_manifest,
@@ -307,9 +308,9 @@ def _logits(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, progres
     Returns (N, C) logits, or (N, D) features with ``head=False``, and (N,) labels;
     unreadable files are left out.
     """
-    dl = loader(ImageDataset([p for p, _ in folder.samples], model.transform,
-                             [y for _, y in folder.samples]),
-                cfg.batch_size, num_workers=cfg.num_workers)
+    dl = batches(ImageDataset([p for p, _ in folder.samples], model.transform,
+                              [y for _, y in folder.samples]),
+                 cfg.batch_size, threads=cfg.num_workers)
     outs, labels = [], []
     dev = next(model.parameters()).device
     model.eval()
@@ -351,10 +352,10 @@ def _calibrate(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, prog
         model.threshold = choose_threshold(p_ai.numpy(), y.cpu().numpy() == model.human_index,
                                            cfg.target_fpr)
     # bf16 doubles CPU speed, but only some models give the fp32 answers in it.
-    images = torch.cat([x for _, x, _, _ in loader(
+    images = torch.cat([x for _, x, _, _ in batches(
         ImageDataset([p for p, _ in folder.samples[:256]], model.transform,
                      min_size=model.preprocessing["resize"]),
-        cfg.batch_size, num_workers=0) if x is not None])
+        cfg.batch_size) if x is not None])
     check = check_precision(model, images)
     model.inference_precision = check["precision"]
     model.info["precision_check"] = check
