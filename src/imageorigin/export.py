@@ -26,11 +26,10 @@ class _WithProbs(nn.Module):
     def __init__(self, model: Classifier):
         super().__init__()
         self.model = model
-        self.temperature = model.temperature
 
     def forward(self, image: torch.Tensor):
         logits = self.model(image)  # (B, C)
-        return logits, torch.softmax(logits / self.temperature, dim=1)
+        return logits, self.model.scores(logits)[0]  # calibrated probabilities (B, C)
 
 
 def export_onnx(model: Classifier, path: str | os.PathLike) -> Path:

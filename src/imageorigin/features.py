@@ -118,7 +118,6 @@ def extract(files: Sequence[str | os.PathLike], engine: Engine, transform, names
                         feats[i, v] = vec
                         path = _entry(context, digests[i], names[v])
                         if path is not None:
-                            path.parent.mkdir(parents=True, exist_ok=True)
                             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                                 np.save(f, vec.numpy(), allow_pickle=False)
                 bar.update(len(idx) + len(failures))

@@ -270,13 +270,7 @@ class _FeatureSource:
         """A function giving the current head's logits (N, C) on the folder, and labels (N,)."""
         feats, y, _ = self._extract(folder, self.model.transform, ["eval"], "features")
         dev = next(self.model.head.parameters()).device
-        feats, y = feats[0].to(dev), y.to(dev)
-
-        def head_only():
-            with torch.no_grad():
-                return self.model.head(feats), y
-
-        return head_only
+        return _head_on(self.model, feats[0].to(dev), y.to(dev))
 
 
 class _CachedEpochs:
@@ -332,7 +326,11 @@ def _logit_fn(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, progr
     """
     if cfg.finetune:
         return lambda: _logits(model, folder, cfg, progress)
-    feats, y = _logits(model, folder, cfg, progress, head=False)
+    return _head_on(model, *_logits(model, folder, cfg, progress, head=False))
+
+
+def _head_on(model: Classifier, feats: torch.Tensor, y: torch.Tensor):
+    """A function giving the current head's logits (N, C) on fixed features (N, D), and y (N,)."""
 
     def head_only():
         with torch.no_grad():
