@@ -1,14 +1,16 @@
-"""What a user sees from `imageorigin audit`: per-class spreads, shortcut warnings, duplicates."""
+"""What a user sees from `imageorigin audit`: per-class spreads, shortcut warnings, duplicates, bias probes."""
 
 import io
 import json
 import shutil
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
-from imageorigin.audit import IJG_LUMINANCE, audit, estimate_jpeg_quality, ijg_table
+from imageorigin.audit import IJG_LUMINANCE, audit, estimate_jpeg_quality, ijg_table, to_markdown
 from imageorigin.cli import main
+from imageorigin.probes import luma, median3x3
 
 DCSAN_JPEG = "dalle/dcsan_imagen__dalle2__statue-liberty-made-gold-reflecting-62248159__dal2-1.jpg"
 
@@ -156,3 +158,78 @@ def test_cli_prints_markdown_without_out_and_refuses_a_folder_without_classes(ra
     assert "class folder" in capsys.readouterr().err
     assert main(["audit", str(raw), "--quiet"]) == 0
     assert capsys.readouterr().out.startswith(f"# Dataset audit: {raw}")
+
+
+# ---------------------------------------------------------------- bias probes
+
+
+def _spread_subset(src, dest, n):
+    """Copy n files spread evenly over the sorted folder ``src`` (many sources and prompt groups) to ``dest``."""
+    files = sorted(src.iterdir())
+    dest.mkdir(parents=True)
+    for f in files[:: len(files) // n][:n]:
+        shutil.copy(f, dest / f.name)
+
+
+def test_probes_on_real_bench_images_give_an_auc_per_feature_group(bench, tmp_path):
+    for c in ("dalle", "human", "other_ai"):
+        _spread_subset(bench / "native/train" / c, tmp_path / c, 20)
+    r = audit(tmp_path, manifest=bench / "manifest.csv")
+    bias = r["bias_probes"]
+    assert bias["skipped"] is None and (bias["images"], bias["ai"], bias["human"]) == (60, 40, 20)
+    assert bias["grouped_by"].startswith("prompt group") and bias["groups"] < 60  # prompt variations share one
+    assert list(bias["probes"]) == ["dct", "noise", "original", "all"]
+    for p in bias["probes"].values():
+        assert 0 <= p["auc"] <= 1 and len(p["folds"]) == 5 and p["warning"] == (p["auc"] > 0.75)
+    assert bias["probes"]["dct"]["features"] == 121 and bias["probes"]["noise"]["features"] == 8
+    assert {w["attribute"] for w in r["warnings"] if w["rule"] == "probe"} == \
+        {k for k, p in bias["probes"].items() if p["warning"]}
+    assert "## Bias probes" in to_markdown(r)
+
+
+def test_probe_median_filter_is_scipys(raw):
+    from scipy import ndimage
+
+    y = luma(Image.open(raw / "human/bsds500__real_photo__test_65084.jpg"))
+    assert np.array_equal(median3x3(y), ndimage.median_filter(y, size=3))
+    assert np.array_equal(median3x3(y[:8, :24]), ndimage.median_filter(y[:8, :24], size=3))
+
+
+def _made_up_classes(bench, root, human, other_ai, n=80):
+    """n BSDS photographs (one source, one kind of content) split in turn into human/ and other_ai/,
+    each class processed by its own function of a PIL image, saved as JPEG q90 like the bench."""
+    photos = sorted((bench / "resized/train/human").glob("bsds500__*"))[:n]
+    for i, f in enumerate(photos):
+        cls, process = ("human", human) if i % 2 == 0 else ("other_ai", other_ai)
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        process(Image.open(f).convert("RGB")).save(root / cls / f.name, quality=90)
+    return root
+
+
+def _blur(image):
+    return image.filter(ImageFilter.GaussianBlur(1.5))
+
+
+def test_a_class_made_blurry_is_caught_by_the_probes(bench, tmp_path, capsys):
+    data = _made_up_classes(bench, tmp_path / "data", human=lambda im: im, other_ai=_blur)
+    out = tmp_path / "audit"
+    assert main(["audit", str(data), "--out", str(out), "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    bias = json.loads((out / "audit.json").read_text())["bias_probes"]
+    assert list(bias["probes"]) == ["dct", "noise", "all"]  # no manifest: no original probe
+    assert all(p["auc"] > 0.75 and p["warning"] for p in bias["probes"].values())
+    printed = [line for line in lines if line.startswith("bias probe, ")]
+    assert len(printed) == 3 and all(line.endswith(" WARNING") for line in printed)
+    assert any(line.startswith("warning: bias probe (8x8 DCT histograms): AI vs human ROC AUC") for line in lines)
+    md = (out / "audit.md").read_text()
+    assert md.index("## Warnings") < md.index("## Bias probes") < md.index("## Duplicates")
+    assert "| 8x8 DCT histograms |" in md and "**WARNING**" in md
+
+
+def test_both_classes_processed_alike_raise_no_probe_warning(bench, tmp_path):
+    data = _made_up_classes(bench, tmp_path / "data", human=_blur, other_ai=_blur)
+    r = audit(data)
+    bias = r["bias_probes"]
+    assert bias["skipped"] is None and bias["images"] == 80
+    assert all(p["auc"] < 0.75 and not p["warning"] for p in bias["probes"].values()), bias["probes"]
+    assert [w for w in r["warnings"] if w["rule"] == "probe"] == []

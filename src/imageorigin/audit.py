@@ -3,12 +3,15 @@
 For each class, :func:`audit` measures the spread of file format, pixel size,
 JPEG quality, colour mode / alpha, metadata and file size, warns where one of
 them nearly separates the classes (the format-bias trap of published
-detectors), and finds exact and near-duplicate images, above all pairs that
-straddle train and val.
+detectors), finds exact and near-duplicate images, above all pairs that
+straddle train and val, and runs bias probes: classifiers that see only
+low-level statistics (DCT histograms, noise residuals, the original format and
+size) and whose cross-validated AUC says how much they alone give away
+(:mod:`imageorigin.probes`).
 
 Headers and metadata are read with ``PIL.Image.open`` (inspection only); pixels
 come from :func:`imageorigin.images.decode_image`, the decoder every other path
-uses, so the hashes describe what the model sees.
+uses, so the hashes and probe features describe what the model sees.
 
 Warning rules (every number in a warning is a count or share of files):
 
@@ -22,6 +25,8 @@ Warning rules (every number in a warning is a count or share of files):
 * **marks**: one value is (almost) exclusive to a class: >= 95% of the files
   with it are in that class, at least 2 files and >= 20% of the class have it.
   It does not separate the class, but a model can learn "this value => class".
+* **probe**: a bias probe tells AI from human with a cross-validated ROC AUC
+  above 0.75 (``probes.WARN_AUC``).
 
 Near duplicates: 64-bit pHash (DCT) Hamming distance <= 8 *and* 64-bit dHash
 (gradient) distance <= 12.  Requiring both hashes to agree is measured, not
@@ -31,6 +36,11 @@ by <= 6 and <= 7, while pHash alone matches unrelated low-contrast images (a
 DALL-E "Malevich" render and a magnolia clip art at pHash 4 have dHash 30).
 Near-uniform images (grey-level standard deviation < 2) have no usable hash;
 they are listed as blank instead of being paired with each other.
+
+Layout of this module: folders; one file; attributes (one categorical value
+per file and attribute); separation (does one attribute tell the classes
+apart?); duplicates; summaries (per class, manifest); bias probes; the audit
+itself; reports (markdown, console lines, files).
 """
 
 from __future__ import annotations
@@ -44,11 +54,12 @@ import statistics
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import ExifTags, Image, JpegImagePlugin
 
+from . import probes
 from .data import LabelledFolder, match_manifest, read_manifest, scan_folder
 from .fileio import write_json, write_text
 from .images import ImageDecodeError, decode_image
@@ -132,11 +143,11 @@ def find_splits(data_dir: str | os.PathLike) -> list[tuple[str | None, LabelledF
     (train/, val/, test/ ...) that each have one sub-folder per class.
     """
     root = Path(data_dir)
-    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-        if root.is_dir() else []
+    subdirs = []
+    if root.is_dir():
+        subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if subdirs and all(name in SPLIT_NAMES for name in subdirs):
-        order = {name: i for i, name in enumerate(SPLIT_NAMES)}
-        return [(s, scan_folder(root / s)) for s in sorted(subdirs, key=order.get)]
+        return [(s, scan_folder(root / s)) for s in sorted(subdirs, key=SPLIT_NAMES.index)]
     return [(None, scan_folder(root))]
 
 
@@ -250,26 +261,32 @@ def hash_image(image: Image.Image) -> dict:
     }
 
 
-def audit_file(path: Path) -> dict:
-    """Everything the audit records about one file; ``error`` is set when it cannot be read."""
+def audit_file(path: Path) -> tuple[dict, dict | None]:
+    """Everything the audit records about one file, and the bias probes' pixel features.
+
+    The record's ``error`` is set when the file cannot be read or decoded; the
+    features are None when the pixels could not be decoded (or the image is under 8 px).
+    """
     record: dict = {"bytes": None, "sha256": None, "error": None}
     try:
         data = path.read_bytes()
     except OSError as err:
         record["error"] = f"cannot read file ({err.strerror or err})"
-        return record
+        return record, None
     record["bytes"] = len(data)
     record["sha256"] = hashlib.sha256(data).hexdigest()
     try:
-        record.update(hash_image(decode_image(data, name=str(path))))
+        image = decode_image(data, name=str(path))
     except ImageDecodeError as err:
         record["error"] = err.reason
-        return record
+        return record, None
+    record.update(hash_image(image))
+    pixels = probes.pixel_features(image) if min(image.size) >= 8 else None
     try:
         record.update(inspect_file(data))
     except Exception as err:  # noqa: BLE001 - Pillow's metadata parsers raise many kinds; the audit goes on
         record["error"] = f"metadata unreadable ({type(err).__name__}: {err})"
-    return record
+    return record, pixels
 
 
 # ---------------------------------------------------------------- attributes
@@ -300,19 +317,22 @@ def file_size_bucket(n_bytes: int) -> str:
                    ("<16 KB", "16-64 KB", "64-256 KB", "256 KB-1 MB", ">=1 MB"))
 
 
+def jpeg_quality_value(rec: dict) -> str:
+    """The estimated JPEG quality as reported: "90", "~92" (not IJG tables) or "n/a"."""
+    if rec["jpeg_quality"] is None:
+        return "n/a"
+    return str(rec["jpeg_quality"]) if rec["jpeg_quality_exact"] else f"~{rec['jpeg_quality']}"
+
+
 def attribute_values(rec: dict) -> dict[str, str]:
     """A readable file record as one categorical value per attribute in ATTRIBUTES."""
     yes = {True: "yes", False: "no"}
-    if rec["jpeg_quality"] is None:
-        quality = "n/a"
-    else:
-        quality = str(rec["jpeg_quality"]) if rec["jpeg_quality_exact"] else f"~{rec['jpeg_quality']}"
     return {
         "format": rec["format"] or "unknown",
         "pixel_size": f"{rec['width']}x{rec['height']}",
         "long_side": long_side_bucket(rec["width"], rec["height"]),
         "aspect": aspect(rec["width"], rec["height"]),
-        "jpeg_quality": quality,
+        "jpeg_quality": jpeg_quality_value(rec),
         "subsampling": rec["subsampling"] or "n/a",
         "mode": rec["mode"],
         "alpha": yes[rec["alpha"]],
@@ -327,7 +347,26 @@ def attribute_values(rec: dict) -> dict[str, str]:
     }
 
 
+def has_originals(row: dict | None) -> bool:
+    """Whether a manifest row gives the original format and size (orig_format, orig_width, orig_height)."""
+    return bool(row and row.get("orig_format") and row.get("orig_width") and row.get("orig_height"))
+
+
+def original_values(row: dict) -> dict[str, str]:
+    """A manifest row's originals as one categorical value per ORIGINAL_ATTRIBUTES key."""
+    w, h = int(row["orig_width"]), int(row["orig_height"])
+    return {"orig_format": row["orig_format"], "orig_size": f"{w}x{h}",
+            "orig_long_side": long_side_bucket(w, h)}
+
+
 # ---------------------------------------------------------------- separation
+
+
+def _warning(rule: str, message: str, attribute: str | None = None, origin: str = "files",
+             classes: Sequence[str] = (), value: str | None = None, **numbers) -> dict:
+    """One entry of the audit's ``warnings``: the rule, what it is about, its numbers, and a message."""
+    return {"rule": rule, "attribute": attribute, "origin": origin, "classes": list(classes),
+            "value": value, **numbers, "message": message}
 
 
 def lookup_accuracy(values: Sequence[str], labels: Sequence[str]) -> float:
@@ -360,11 +399,18 @@ def separation_warnings(values: Sequence[str], labels: Sequence[str], attribute:
                         name: str, origin: str = "files") -> tuple[dict, list[dict]]:
     """Measure how well one attribute alone tells the classes apart; warn per the module's rules.
 
-    Returns ``(summary, warnings)``: the summary holds the lookup accuracy and
-    baseline over all classes; each warning holds the rule, classes, value and numbers.
+    Returns ``(summary, warnings)``: the summary holds the number of distinct
+    values and the lookup accuracy and baseline over all classes; each warning
+    holds the rule, classes, value and numbers.
     """
+    summary, predicts = _predicts(values, labels, attribute, name, origin)
+    return summary, predicts + _value_warnings(values, labels, attribute, name, origin)
+
+
+def _predicts(values: Sequence[str], labels: Sequence[str], attribute: str, name: str,
+              origin: str) -> tuple[dict, list[dict]]:
+    """The *predicts* rule, over all classes and each pair: at most one warning per attribute."""
     classes = sorted(set(labels))
-    found: list[dict] = []
     summary = {"n_values": len(set(values))}
     scopes = [tuple(classes)] + (list(itertools.combinations(classes, 2)) if len(classes) > 2 else [])
     hits = []  # every scope (all classes, each pair) where the attribute alone predicts the class
@@ -380,42 +426,53 @@ def separation_warnings(values: Sequence[str], labels: Sequence[str], attribute:
         if acc >= PREDICTS_ACCURACY and acc >= base + PREDICTS_MARGIN:
             hits.append({"classes": list(scope), "files": len(ys), "accuracy": round(acc, 3),
                          "baseline": round(base, 3)})
-    if hits:
-        # One warning per attribute: the first scope in words, the other scopes after it.
-        first, more = hits[0], hits[1:]
-        what = "the classes" if first["classes"] == classes else " from ".join(first["classes"])
-        message = (f"{name} alone tells {what} apart: right for {_pct(first['accuracy'])} of "
-                   f"{first['files']} files (leave-one-out lookup) vs {_pct(first['baseline'])} "
-                   "for the largest class")
-        if more:
-            message += "; pairs: " + ", ".join(
-                f"{'/'.join(h['classes'])} {_pct(h['accuracy'])} vs {_pct(h['baseline'])}" for h in more)
-        found.append({"rule": "predicts", "attribute": attribute, "origin": origin,
-                      "classes": first["classes"], "value": None, "accuracy": first["accuracy"],
-                      "baseline": first["baseline"], "scopes": hits, "message": message})
+    if not hits:
+        return summary, []
+    # One warning per attribute: the first scope in words, the other scopes after it.
+    first, more = hits[0], hits[1:]
+    what = "the classes" if first["classes"] == classes else " from ".join(first["classes"])
+    message = (f"{name} alone tells {what} apart: right for {_pct(first['accuracy'])} of "
+               f"{first['files']} files (leave-one-out lookup) vs {_pct(first['baseline'])} "
+               "for the largest class")
+    if more:
+        message += "; pairs: " + ", ".join(
+            f"{'/'.join(h['classes'])} {_pct(h['accuracy'])} vs {_pct(h['baseline'])}" for h in more)
+    return summary, [_warning("predicts", message, attribute, origin, first["classes"],
+                              accuracy=first["accuracy"], baseline=first["baseline"], scopes=hits)]
+
+
+def _value_warnings(values: Sequence[str], labels: Sequence[str], attribute: str, name: str,
+                    origin: str) -> list[dict]:
+    """The *separates* and *marks* rules, for each (value, class)."""
+    found = []
     n_class = Counter(labels)
-    table = Counter(zip(values, labels))
     n_value = Counter(values)
-    for (v, c), n in sorted(table.items()):
+    for (v, c), n in sorted(Counter(zip(values, labels)).items()):
         rest = len(labels) - n_class[c]
         leak = n_value[v] - n
         cover = n / n_class[c]
         numbers = {"in_class": n, "class_size": n_class[c], "in_rest": leak, "rest_size": rest}
         if rest and cover >= SEPARATES_COVER and leak / rest <= SEPARATES_LEAK:
-            found.append({
-                "rule": "separates", "attribute": attribute, "origin": origin, "classes": [c],
-                "value": v, **numbers,
-                "message": f"{name} = {v} nearly separates {c}: {n}/{n_class[c]} {c} files "
-                           f"({_pct(cover)}) vs {leak}/{rest} of the rest ({_pct(leak / rest)})",
-            })
+            message = (f"{name} = {v} nearly separates {c}: {n}/{n_class[c]} {c} files "
+                       f"({_pct(cover)}) vs {leak}/{rest} of the rest ({_pct(leak / rest)})")
+            found.append(_warning("separates", message, attribute, origin, [c], v, **numbers))
         elif (n >= MARKS_MIN_FILES and cover >= MARKS_COVER and n / n_value[v] >= MARKS_PRECISION
-              and len(classes) > 1):
-            found.append({
-                "rule": "marks", "attribute": attribute, "origin": origin, "classes": [c],
-                "value": v, **numbers,
-                "message": f"{name} = {v} marks {c}: {n}/{n_class[c]} {c} files ({_pct(cover)}) "
-                           f"have it, {leak}/{rest} of the rest",
-            })
+              and len(n_class) > 1):
+            message = (f"{name} = {v} marks {c}: {n}/{n_class[c]} {c} files ({_pct(cover)}) "
+                       f"have it, {leak}/{rest} of the rest")
+            found.append(_warning("marks", message, attribute, origin, [c], v, **numbers))
+    return found
+
+
+def separation(values: list[dict], labels: list[str], attributes: dict[str, str],
+               origin: str) -> tuple[dict, list[dict]]:
+    """:func:`separation_warnings` for every attribute: ``({key: summary}, warnings)``; empty for one class."""
+    summary, found = {}, []
+    if len(set(labels)) < 2:
+        return summary, found
+    for key, name in attributes.items():
+        summary[key], warns = separation_warnings([v[key] for v in values], labels, key, name, origin)
+        found += warns
     return summary, found
 
 
@@ -505,6 +562,11 @@ def _cross_first(pairs: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------- summaries
 
 
+def _tally(values: Iterable) -> dict:
+    """{value: count}, most common first."""
+    return dict(Counter(values).most_common())
+
+
 def _spread(numbers: list[int]) -> dict:
     if not numbers:
         return {}
@@ -518,32 +580,29 @@ def _common_sizes(sizes: Iterable[tuple[int, int]], n: int = 3) -> list[list]:
 
 def class_summary(records: list[dict]) -> dict:
     """Counts and spreads for the readable files of one class."""
-    count = lambda key: dict(Counter(r[key] for r in records).most_common())  # noqa: E731
-    png_keys = Counter(k for r in records for k in r["png_text"])
+    count = lambda key: _tally(r[key] for r in records)  # noqa: E731
+    total = lambda key: sum(bool(r[key]) for r in records)  # noqa: E731
     return {
         "files": len(records),
         "format": count("format"),
         "width": _spread([r["width"] for r in records]),
         "height": _spread([r["height"] for r in records]),
         "common_sizes": _common_sizes((r["width"], r["height"]) for r in records),
-        "jpeg_quality": dict(Counter(attribute_values(r)["jpeg_quality"] for r in records).most_common()),
-        "subsampling": dict(Counter(r["subsampling"] or "n/a" for r in records).most_common()),
+        "jpeg_quality": _tally(jpeg_quality_value(r) for r in records),
+        "subsampling": _tally(r["subsampling"] or "n/a" for r in records),
         "mode": count("mode"),
-        "alpha": sum(r["alpha"] for r in records),
-        "exif": sum(r["exif"] for r in records),
-        "exif_software": dict(Counter(r["exif_software"] for r in records if r["exif_software"]).most_common()),
-        "exif_make": dict(Counter(r["exif_make"] for r in records if r["exif_make"]).most_common()),
-        "icc": sum(r["icc"] for r in records),
-        "xmp": sum(r["xmp"] for r in records),
-        "png_text": sum(bool(r["png_text"]) for r in records),
-        "png_text_keys": dict(png_keys.most_common()),
+        "alpha": total("alpha"),
+        "exif": total("exif"),
+        "exif_software": _tally(r["exif_software"] for r in records if r["exif_software"]),
+        "exif_make": _tally(r["exif_make"] for r in records if r["exif_make"]),
+        "icc": total("icc"),
+        "xmp": total("xmp"),
+        "png_text": total("png_text"),
+        "png_text_keys": _tally(k for r in records for k in r["png_text"]),
         "ai_metadata": sum(r["ai_metadata"] is not None for r in records),
         "file_bytes": _spread([r["bytes"] for r in records]),
         "blank": sum(r["grey_std"] < BLANK_STD for r in records),
     }
-
-
-# ---------------------------------------------------------------- manifest
 
 
 def manifest_summary(path, rows: list[dict], matched: list[tuple[dict, dict]], n_files: int) -> dict:
@@ -569,26 +628,19 @@ def manifest_summary(path, rows: list[dict], matched: list[tuple[dict, dict]], n
 
 def _originals(matched: list[tuple[dict, dict]]) -> dict:
     """Per class: the original format and size (before normalisation), from the manifest."""
-    have = [(rec, row) for rec, row in matched if row.get("orig_format") and row.get("orig_width")]
+    have = [(rec, row) for rec, row in matched if has_originals(row)]
     per_class: dict[str, dict] = {}
     for c in sorted({rec["class"] for rec, _ in have}):
         rows = [row for rec, row in have if rec["class"] == c]
         widths, heights = [int(r["orig_width"]) for r in rows], [int(r["orig_height"]) for r in rows]
         per_class[c] = {
             "files": len(rows),
-            "format": dict(Counter(r["orig_format"] for r in rows).most_common()),
+            "format": _tally(r["orig_format"] for r in rows),
             "width": _spread(widths),
             "height": _spread(heights),
             "common_sizes": _common_sizes(zip(widths, heights)),
         }
     return per_class
-
-
-def original_values(row: dict) -> dict[str, str]:
-    """A manifest row's originals as one categorical value per ORIGINAL_ATTRIBUTES key."""
-    w, h = int(row["orig_width"]), int(row["orig_height"])
-    return {"orig_format": row["orig_format"], "orig_size": f"{w}x{h}",
-            "orig_long_side": long_side_bucket(w, h)}
 
 
 def _across_splits(matched: list[tuple[dict, dict]], column: str) -> dict:
@@ -599,6 +651,78 @@ def _across_splits(matched: list[tuple[dict, dict]], column: str) -> dict:
             splits[row[column]].add(rec["split"])
     shared = sorted(v for v, s in splits.items() if len(s) > 1)
     return {"checked": len(splits), "count": len(shared), "examples": shared[:20]}
+
+
+# ---------------------------------------------------------------- bias probes
+
+
+def bias_probes(records: list[dict], pixels: dict[str, dict], rows: dict[str, dict] | None,
+                duplicates: dict) -> dict:
+    """Run the bias probes (:mod:`imageorigin.probes`) over the readable files.
+
+    ``pixels`` and ``rows`` map a file's path to its pixel features and its
+    manifest row (``rows`` None without a manifest).  The ``original`` probe runs
+    when every file has a row with the original format and size.  Folds are
+    grouped by connected prompt groups and exact / near duplicates.
+    """
+    records = [r for r in records if pixels.get(r["path"]) is not None]
+    features = {key: np.array([pixels[r["path"]][key] for r in records]) for key in ("dct", "noise")}
+    file_rows = [(rows or {}).get(r["path"]) for r in records]
+    missing = sum(not has_originals(row) for row in file_rows)
+    if rows is not None and not missing:
+        features["original"] = original_features(file_rows)
+    result = probes.run_probes(features, [r["class"] for r in records],
+                               _probe_groups(records, file_rows, duplicates))
+    prompt_groups = any(row and row.get("group") for row in file_rows)
+    result["grouped_by"] = ("prompt group (manifest `group`), " if prompt_groups else "") + \
+        "exact and near duplicates"
+    result["note"] = None if rows is None or not missing else (
+        f"No original probe: {missing} file(s) lack a manifest row with orig_format, orig_width, orig_height")
+    return result
+
+
+def original_features(rows: Sequence[dict]) -> np.ndarray:
+    """The ``original`` bias probe's features of manifest rows: (n, k).
+
+    One-hot original format, longer-side band, aspect and coding history
+    (dh3-wide's ``coding`` without its quality: webp-orig, webp-roundtrip,
+    none; "n/a" without the column), then log2 of the original width and
+    height and the round trip's quality / 100 (0 without one).
+    """
+    categories, numbers = [], []
+    for row in rows:
+        w, h = int(row["orig_width"]), int(row["orig_height"])
+        coding = re.fullmatch(r"(.+)-q(\d+)", row.get("coding") or "")
+        categories.append({"format": row["orig_format"], "long_side": long_side_bucket(w, h),
+                           "aspect": aspect(w, h),
+                           "coding": coding[1] if coding else row.get("coding") or "n/a"})
+        numbers.append([np.log2(w), np.log2(h), int(coding[2]) / 100 if coding else 0.0])
+    return np.hstack([probes.one_hot(categories), np.array(numbers, dtype=float).reshape(len(rows), 3)])
+
+
+def _probe_groups(records: list[dict], rows: list[dict | None], duplicates: dict) -> np.ndarray:
+    """A group id per file: files linked by a manifest ``group`` or a duplicate pair share one."""
+    index = {r["path"]: i for i, r in enumerate(records)}
+    links = [(index[p["a"]], index[p["b"]]) for kind in ("exact", "near") for p in duplicates[kind]["pairs"]
+             if p["a"] in index and p["b"] in index]
+    first: dict[str, int] = {}  # manifest group -> its first file
+    for i, row in enumerate(rows):
+        if row and row.get("group"):
+            links.append((first.setdefault(row["group"], i), i))
+    return probes.connected_groups(len(records), links)
+
+
+def _probe_warnings(result: dict, classes: list[str]) -> list[dict]:
+    """A *probe* warning for each feature group above probes.WARN_AUC."""
+    found = []
+    for key, p in result["probes"].items():
+        if p["warning"]:
+            message = (f"bias probe ({probes.FEATURE_GROUPS[key]}): AI vs {probes.HUMAN} ROC AUC "
+                       f"{p['auc']:.3f} ± {p['std']:.3f} > {probes.WARN_AUC} ({result['images']} images, "
+                       f"{result['folds']}-fold grouped cross-validation): these features alone, "
+                       "without the content, tell the classes apart")
+            found.append(_warning("probe", message, key, "bias probe", classes, auc=p["auc"], std=p["std"]))
+    return found
 
 
 # ---------------------------------------------------------------- the audit
@@ -614,19 +738,13 @@ def audit(data_dir: str | os.PathLike, manifest: str | os.PathLike | None = None
     and baseline), ``warnings`` (each with ``rule``, ``attribute``,
     ``classes``, numbers and a ``message``), ``duplicates``, ``ai_metadata``
     (files whose metadata names a generator), ``unreadable``, ``manifest``
-    (with ``manifest=``), ``files`` (the number of files) and ``file_records``
-    (what was found in each file).
+    (with ``manifest=``), ``bias_probes`` (cross-validated AI-vs-human AUC of
+    each probe, see :mod:`imageorigin.probes`), ``files`` (the number of
+    files) and ``file_records`` (what was found in each file).
     """
-    from tqdm import tqdm
-
     root = Path(data_dir)
     folders = find_splits(root)
-    todo = [(split, folder.classes[y], path) for split, folder in folders for path, y in folder.samples]
-    records = []
-    for split, cls, path in tqdm(todo, desc="audit", unit="file", disable=not progress):
-        rec = {"path": path.relative_to(root).as_posix(), "split": split, "class": cls}
-        rec.update(audit_file(path))
-        records.append(rec)
+    records, pixels = _read_files(root, folders, progress)
     good = [r for r in records if r["error"] is None]
     classes = sorted({r["class"] for r in records})
     splits = [s for s, _ in folders if s is not None]
@@ -643,35 +761,52 @@ def audit(data_dir: str | os.PathLike, manifest: str | os.PathLike | None = None
         "ai_metadata": [{"path": r["path"], "class": r["class"], "found": r["ai_metadata"]}
                         for r in good if r["ai_metadata"]],
     }
-    labels = [r["class"] for r in good]
-    values = [attribute_values(r) for r in good]
-    result["separation"], found = _separation(values, labels, ATTRIBUTES, "files")
+    result["separation"], found = separation([attribute_values(r) for r in good], [r["class"] for r in good],
+                                             ATTRIBUTES, "files")
     result["duplicates"] = find_duplicates(good)
+    rows = None
     if manifest is not None:
-        rows = read_manifest(manifest)
-        matched = [(rec, row) for rec, row in zip(good, match_manifest([r["path"] for r in good], rows))
-                   if row is not None]
-        result["manifest"] = manifest_summary(manifest, rows, matched, len(good))
-        # The same separation rules on the originals: where a normalised bench's bias still shows.
-        orig = [(original_values(row), rec["class"]) for rec, row in matched
-                if row.get("orig_format") and row.get("orig_width")]
-        if orig:
-            summary, more = _separation([v for v, _ in orig], [c for _, c in orig],
-                                        ORIGINAL_ATTRIBUTES, "manifest originals")
-            result["manifest"]["separation"] = summary
-            found += more
-    result["warnings"] = _data_warnings(result) + found
+        all_rows = read_manifest(manifest)
+        rows = _manifest_rows(good, all_rows)
+        result["manifest"], more = _audit_manifest(manifest, all_rows, good, rows)
+        found += more
+    result["bias_probes"] = bias_probes(good, pixels, rows, result["duplicates"])
+    result["warnings"] = _data_warnings(result) + found + _probe_warnings(result["bias_probes"], classes)
     result["file_records"] = records
     return result
 
 
-def _separation(values: list[dict], labels: list[str], attributes: dict, origin: str):
-    summary, found = {}, []
-    if len(set(labels)) < 2:
-        return summary, found
-    for key, name in attributes.items():
-        summary[key], warns = separation_warnings([v[key] for v in values], labels, key, name, origin)
-        found += warns
+def _read_files(root: Path, folders: list[tuple[str | None, LabelledFolder]],
+                progress: bool) -> tuple[list[dict], dict[str, dict]]:
+    """:func:`audit_file` on every file: records (path, split, class first) and ``{path: pixel features}``."""
+    from tqdm import tqdm
+
+    todo = [(split, folder.classes[y], path) for split, folder in folders for path, y in folder.samples]
+    records, pixels = [], {}
+    for split, cls, path in tqdm(todo, desc="audit", unit="file", disable=not progress):
+        rec = {"path": path.relative_to(root).as_posix(), "split": split, "class": cls}
+        found, pixels[rec["path"]] = audit_file(path)
+        records.append({**rec, **found})
+    return records, pixels
+
+
+def _manifest_rows(records: list[dict], rows: list[dict]) -> dict[str, dict]:
+    """``{path: manifest row}`` for the records that match one row."""
+    return {rec["path"]: row for rec, row in zip(records, match_manifest([r["path"] for r in records], rows))
+            if row is not None}
+
+
+def _audit_manifest(manifest, all_rows: list[dict], good: list[dict],
+                    rows: dict[str, dict]) -> tuple[dict, list[dict]]:
+    """The manifest summary, and the separation rules run on the originals' format and size:
+    where a normalised bench's bias still shows."""
+    matched = [(rec, rows[rec["path"]]) for rec in good if rec["path"] in rows]
+    summary = manifest_summary(manifest, all_rows, matched, len(good))
+    orig = [(original_values(row), rec["class"]) for rec, row in matched if has_originals(row)]
+    found: list[dict] = []
+    if orig:
+        summary["separation"], found = separation([v for v, _ in orig], [c for _, c in orig],
+                                                  ORIGINAL_ATTRIBUTES, "manifest originals")
     return summary, found
 
 
@@ -679,33 +814,31 @@ def _data_warnings(result: dict) -> list[dict]:
     """Warnings about the data itself: unreadable files, blank images, duplicates, manifest problems."""
     out = []
 
-    def warn(rule: str, message: str, **numbers):
-        out.append({"rule": rule, "attribute": None, "origin": "files", "classes": [],
-                    "value": None, **numbers, "message": message})
+    def warn(rule: str, message: str, count: int):
+        out.append(_warning(rule, message, count=count))
 
     if result["unreadable"]:
-        warn("unreadable", f"{len(result['unreadable'])} file(s) could not be read", count=len(result["unreadable"]))
+        warn("unreadable", f"{len(result['unreadable'])} file(s) could not be read", len(result["unreadable"]))
     dup = result["duplicates"]
     if dup["blank"]:
         warn("blank", f"{len(dup['blank'])} near-uniform image(s) (grey-level std < {BLANK_STD}): "
-                      "no content to learn from", count=len(dup["blank"]))
+                      "no content to learn from", len(dup["blank"]))
     for kind in ("exact", "near"):
         c = dup[kind]["counts"]
         if c["across_splits"]:
             warn(f"{kind}_duplicates_across_splits",
-                 f"{c['across_splits']} {kind}-duplicate pair(s) straddle splits", count=c["across_splits"])
+                 f"{c['across_splits']} {kind}-duplicate pair(s) straddle splits", c["across_splits"])
         if c["across_classes"]:
             warn(f"{kind}_duplicates_across_classes",
-                 f"{c['across_classes']} {kind}-duplicate pair(s) have different classes",
-                 count=c["across_classes"])
+                 f"{c['across_classes']} {kind}-duplicate pair(s) have different classes", c["across_classes"])
     man = result.get("manifest", {})
     for key, what in (("groups_across_splits", "prompt group(s)"),
                       ("originals_across_splits", "original file(s) (orig_sha256)")):
         if man.get(key, {}).get("count"):
-            warn(key, f"{man[key]['count']} {what} appear in more than one split", count=man[key]["count"])
+            warn(key, f"{man[key]['count']} {what} appear in more than one split", man[key]["count"])
     if man.get("label_mismatches"):
         warn("label_mismatches", f"{len(man['label_mismatches'])} file(s) sit in a class folder "
-                                 "that differs from their manifest label", count=len(man["label_mismatches"]))
+                                 "that differs from their manifest label", len(man["label_mismatches"]))
     return out
 
 
@@ -715,13 +848,34 @@ def _data_warnings(result: dict) -> list[dict]:
 def summary_line(result: dict) -> str:
     """One line: files, classes, warnings, duplicate pairs."""
     dup = result["duplicates"]
+    count = "across_splits" if result["splits"] else "pairs"
+    n_exact, n_near = (dup[kind]["counts"][count] for kind in ("exact", "near"))
     where = "across splits" if result["splits"] else "in all"
-    ex, nr = dup["exact"]["counts"], dup["near"]["counts"]
-    n_ex = ex["across_splits"] if result["splits"] else ex["pairs"]
-    n_nr = nr["across_splits"] if result["splits"] else nr["pairs"]
     return (f"audited {result['files']} files ({len(result['unreadable'])} unreadable) in "
             f"{len(result['classes'])} classes: {len(result['warnings'])} warnings, "
-            f"{n_ex} exact and {n_nr} near-duplicate pairs {where}")
+            f"{n_exact} exact and {n_near} near-duplicate pairs {where}")
+
+
+def warning_text(w: dict) -> str:
+    """A warning's message, saying where it comes from when that is not the files themselves."""
+    return w["message"] + (" (manifest originals)" if w["origin"] == "manifest originals" else "")
+
+
+def probe_lines(result: dict) -> list[str]:
+    """One line per bias probe that ran: its feature group, AUC ± std over folds, and WARNING above the limit."""
+    bias = result["bias_probes"]
+    return [f"bias probe, {probes.FEATURE_GROUPS[key]}: AI vs {probes.HUMAN} ROC AUC {_fmt_auc(p)} "
+            f"({bias['images']} images, {bias['folds']} grouped folds)" + (" WARNING" if p["warning"] else "")
+            for key, p in bias["probes"].items()]
+
+
+def console_lines(result: dict) -> list[str]:
+    """What the command line prints after the summary line: the warnings, then the bias probes."""
+    return [f"warning: {warning_text(w)}" for w in result["warnings"]] + probe_lines(result)
+
+
+def _fmt_auc(p: dict) -> str:
+    return "-" if p["auc"] is None else f"{p['auc']:.3f} ± {p['std']:.3f}"
 
 
 def _fmt_counts(counts: dict, limit: int = 4) -> str:
@@ -740,58 +894,64 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
 
 
+def _class_table(first: str, summaries: dict[str, dict], classes: list[str],
+                 rows: Sequence[tuple[str, Callable[[dict], object]]]) -> list[str]:
+    """A table with a column per class: one row per (label, how to show a class summary)."""
+    return _table([first] + classes, [[label] + [show(summaries[c]) for c in classes] for label, show in rows])
+
+
+# Rows of the per-class table: label, and how to show it from a class_summary().
+PER_CLASS_ROWS: tuple[tuple[str, Callable[[dict], object]], ...] = (
+    ("files", lambda s: s["files"]),
+    ("format", lambda s: _fmt_counts(s["format"])),
+    ("width min / median / max", lambda s: _fmt_spread(s["width"])),
+    ("height min / median / max", lambda s: _fmt_spread(s["height"])),
+    ("common sizes", lambda s: _fmt_counts(dict(s["common_sizes"]))),
+    ("JPEG quality (~ = not IJG tables)", lambda s: _fmt_counts(s["jpeg_quality"])),
+    ("chroma subsampling", lambda s: _fmt_counts(s["subsampling"])),
+    ("colour mode", lambda s: _fmt_counts(s["mode"])),
+    ("alpha channel", lambda s: s["alpha"]),
+    ("EXIF", lambda s: s["exif"]),
+    ("EXIF Software", lambda s: _fmt_counts(s["exif_software"], 2)),
+    ("EXIF Make", lambda s: _fmt_counts(s["exif_make"], 2)),
+    ("ICC profile", lambda s: s["icc"]),
+    ("XMP", lambda s: s["xmp"]),
+    ("PNG text chunks", lambda s: f"{s['png_text']} ({_fmt_counts(s['png_text_keys'], 3)})"),
+    ("metadata naming a generator", lambda s: s["ai_metadata"]),
+    ("file bytes min / median / max", lambda s: _fmt_spread(s["file_bytes"])),
+    ("blank (near-uniform)", lambda s: s["blank"]),
+)
+# The same for the manifest's originals (manifest_summary()["originals"]).
+ORIGINAL_ROWS = PER_CLASS_ROWS[:5]
+
+RULES = (f"Rules: *predicts* = the attribute alone, as a leave-one-out lookup table, is right for "
+         f">= {_pct(PREDICTS_ACCURACY)} of files and >= {PREDICTS_MARGIN * 100:.0f} points above the "
+         f"largest class (all classes or any pair); *separates* = one value covers >= "
+         f"{_pct(SEPARATES_COVER)} of a class and <= {_pct(SEPARATES_LEAK)} of the rest; *marks* = "
+         f">= {_pct(MARKS_PRECISION)} of the files with a value are in one class "
+         f"(>= {MARKS_MIN_FILES} files, >= {_pct(MARKS_COVER)} of the class); *probe* = a bias probe's "
+         f"cross-validated AI-vs-human ROC AUC is above {probes.WARN_AUC} (see Bias probes).")
+
+
 def to_markdown(result: dict) -> str:
     """The audit as a human-readable markdown report: warnings first, then tables."""
     classes = result["classes"]
-    pc = result["per_class"]
     md = [f"# Dataset audit: {result['data_dir']}", "", summary_line(result) + ".", ""]
-    counts = result["counts"]
-    md += _table(["split"] + classes, [[s] + [c.get(k, 0) for k in classes] for s, c in counts.items()]) + [""]
-
+    md += _table(["split"] + classes, [[s] + [c.get(k, 0) for k in classes]
+                                       for s, c in result["counts"].items()]) + [""]
     md += [f"## Warnings ({len(result['warnings'])})", ""]
-    md += [f"- {w['message']}" + (" (manifest originals)" if w["origin"] != "files" else "")
-           for w in result["warnings"]] or ["None."]
-    md += ["", "Rules: *predicts* = the attribute alone, as a leave-one-out lookup table, is right for "
-           f">= {_pct(PREDICTS_ACCURACY)} of files and >= {PREDICTS_MARGIN * 100:.0f} points above the "
-           f"largest class (all classes or any pair); *separates* = one value covers >= "
-           f"{_pct(SEPARATES_COVER)} of a class and <= {_pct(SEPARATES_LEAK)} of the rest; *marks* = "
-           f">= {_pct(MARKS_PRECISION)} of the files with a value are in one class "
-           f"(>= {MARKS_MIN_FILES} files, >= {_pct(MARKS_COVER)} of the class).", ""]
-
-    md += ["## Per class", ""]
-    rows = [
-        ["files"] + [pc[c]["files"] for c in classes],
-        ["format"] + [_fmt_counts(pc[c]["format"]) for c in classes],
-        ["width min / median / max"] + [_fmt_spread(pc[c]["width"]) for c in classes],
-        ["height min / median / max"] + [_fmt_spread(pc[c]["height"]) for c in classes],
-        ["common sizes"] + [_fmt_counts(dict(pc[c]["common_sizes"])) for c in classes],
-        ["JPEG quality (~ = not IJG tables)"] + [_fmt_counts(pc[c]["jpeg_quality"]) for c in classes],
-        ["chroma subsampling"] + [_fmt_counts(pc[c]["subsampling"]) for c in classes],
-        ["colour mode"] + [_fmt_counts(pc[c]["mode"]) for c in classes],
-        ["alpha channel"] + [pc[c]["alpha"] for c in classes],
-        ["EXIF"] + [pc[c]["exif"] for c in classes],
-        ["EXIF Software"] + [_fmt_counts(pc[c]["exif_software"], 2) for c in classes],
-        ["EXIF Make"] + [_fmt_counts(pc[c]["exif_make"], 2) for c in classes],
-        ["ICC profile"] + [pc[c]["icc"] for c in classes],
-        ["XMP"] + [pc[c]["xmp"] for c in classes],
-        ["PNG text chunks"] + [f"{pc[c]['png_text']} ({_fmt_counts(pc[c]['png_text_keys'], 3)})"
-                               for c in classes],
-        ["metadata naming a generator"] + [pc[c]["ai_metadata"] for c in classes],
-        ["file bytes min / median / max"] + [_fmt_spread(pc[c]["file_bytes"]) for c in classes],
-        ["blank (near-uniform)"] + [pc[c]["blank"] for c in classes],
-    ]
-    md += _table(["attribute"] + classes, rows) + [""]
-
+    md += [f"- {warning_text(w)}" for w in result["warnings"]] or ["None."]
+    md += ["", RULES, ""]
+    md += ["## Per class", ""] + _class_table("attribute", result["per_class"], classes, PER_CLASS_ROWS) + [""]
     if result["separation"]:
         md += ["## Each attribute alone (all classes)", ""]
         md += _table(["attribute", "distinct values", "lookup accuracy", "largest class"],
                      [[ATTRIBUTES[k], s["n_values"], s.get("accuracy", "-"), s.get("baseline", "-")]
                       for k, s in result["separation"].items()]) + [""]
-
+    md += _probes_markdown(result["bias_probes"], classes)
     if result["ai_metadata"]:
         md += ["## Metadata naming a generator", ""]
         md += [f"- `{m['path']}` ({m['class']}): {m['found']}" for m in result["ai_metadata"]] + [""]
-
     md += _duplicates_markdown(result["duplicates"])
     if "manifest" in result:
         md += _manifest_markdown(result["manifest"], classes)
@@ -799,6 +959,27 @@ def to_markdown(result: dict) -> str:
         md += ["## Unreadable files", ""]
         md += [f"- `{u['path']}`: {u['error']}" for u in result["unreadable"]] + [""]
     return "\n".join(md)
+
+
+def _probes_markdown(bias: dict, classes: list[str]) -> list[str]:
+    ai = ", ".join(c for c in classes if c != probes.HUMAN) or "-"
+    md = ["## Bias probes", "",
+          f"Can low-level statistics alone, without the content, tell AI ({ai}) from {probes.HUMAN}? "
+          "Each probe is a logistic regression on standardised features, scored by ROC AUC in "
+          f"{bias['folds']}-fold cross-validation (StratifiedGroupKFold, seed {bias['seed']}) grouped by "
+          f"{bias['grouped_by']}, so that no group sits on both sides of a split: {bias['images']} images "
+          f"({bias['ai']} AI, {bias['human']} {probes.HUMAN}) in {bias['groups']} groups. "
+          f"Above {bias['warn_auc']} it warns: a detector can score that much from these statistics.", ""]
+    if bias["skipped"]:
+        return md + [f"Not run: {bias['skipped']}.", ""]
+    md += _table(["features", "what they are", "n features", "ROC AUC (mean ± std over folds)", "images", "warning"],
+                 [[probes.FEATURE_GROUPS[k], probes.DESCRIPTIONS[k], p["features"], _fmt_auc(p), bias["images"],
+                   "**WARNING**" if p["warning"] else ""] for k, p in bias["probes"].items()]) + [""]
+    warned = [k for k, p in bias["probes"].items() if p["warning"]]
+    if warned:
+        md += [f"**WARNING**: AUC above {bias['warn_auc']} for "
+               + ", ".join(probes.FEATURE_GROUPS[k] for k in warned) + ".", ""]
+    return md + ([bias["note"] + ".", ""] if bias["note"] else [])
 
 
 def _duplicates_markdown(dup: dict) -> list[str]:
@@ -835,17 +1016,10 @@ def _manifest_markdown(man: dict, classes: list[str]) -> list[str]:
     md += ["Files per source:", ""]
     md += _table(["source"] + cols, [[s] + [c.get(k, 0) for k in cols] for s, c in man["sources"].items()])
     md.append("")
-    orig = man["originals"]
-    if orig:
+    if man["originals"]:
         md += ["What the originals looked like before normalisation (manifest orig_* columns):", ""]
-        cs = [c for c in classes if c in orig]
-        md += _table(["original"] + cs, [
-            ["files"] + [orig[c]["files"] for c in cs],
-            ["format"] + [_fmt_counts(orig[c]["format"]) for c in cs],
-            ["width min / median / max"] + [_fmt_spread(orig[c]["width"]) for c in cs],
-            ["height min / median / max"] + [_fmt_spread(orig[c]["height"]) for c in cs],
-            ["common sizes"] + [_fmt_counts(dict(orig[c]["common_sizes"])) for c in cs],
-        ]) + [""]
+        md += _class_table("original", man["originals"], [c for c in classes if c in man["originals"]],
+                           ORIGINAL_ROWS) + [""]
     return md
 
 

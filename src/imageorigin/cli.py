@@ -283,7 +283,7 @@ def _info(args) -> int:
 
 
 def _audit(args) -> int:
-    from .audit import audit, summary_line, to_markdown, write_outputs
+    from .audit import audit, console_lines, summary_line, to_markdown, write_outputs
 
     result = audit(args.data_dir, manifest=args.manifest, progress=not args.quiet and sys.stderr.isatty())
     if args.out is None:
@@ -291,8 +291,8 @@ def _audit(args) -> int:
         return 0
     paths = write_outputs(result, args.out)
     print(f"{summary_line(result)}; wrote {', '.join(map(str, paths))}")
-    for w in result["warnings"]:
-        print(f"warning: {w['message']}" + (" (manifest originals)" if w["origin"] != "files" else ""))
+    for line in console_lines(result):
+        print(line)
     return 0
 
 
