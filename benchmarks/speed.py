@@ -19,6 +19,8 @@ the same run, because these machines are noisy:
   frozen MobileNetV2 (DenseNet121's weights are unreachable), ``--no-cache``
   (the straightforward loop) against the feature cache (1 view, the default),
   cold and warm, and with 2 views, cold.
+- large images: the same comparison on 64 images of 1024-1536 px (the raw
+  samples of that size, and bench crops enlarged for timing only).
 - memory: peak RSS of ``imageorigin predict`` over 1,000 and 10,000 images.
 """
 
@@ -62,6 +64,9 @@ def main() -> None:
                               agreement=row["agreement"], densenet121=row)
             else:
                 result["default_model"] = row
+        # Large originals: raw 1024 px files and bench crops enlarged to 1024-1536 px
+        # (for timing only: their pixels are no real generator's).
+        result["default_model_large"] = _inference("default", _large_folder(tmp / "large"), tmp)
         if not args.skip_memory:
             result.update(_memory(tmp))
         if not args.skip_training:
@@ -129,15 +134,28 @@ def _plain(ckpt: str, folder: str, out: str) -> None:
                                   if k.startswith("backbone.features.")})
     net.eval()
     pre = meta["preprocessing"]
-    transform = T.Compose([T.Resize(pre["resize"]), T.CenterCrop(pre["crop"]), T.ToTensor(),
-                           T.Normalize(pre["mean"], pre["std"])])
+    normalise = T.Compose([T.ToTensor(), T.Normalize(pre["mean"], pre["std"])])
+    c, n = pre["crop"], pre.get("crops", 1)
+
+    def transform(im):  # -> (K, 3, c, c): K crops of the image, as the checkpoint says
+        if pre["resize"]:
+            return normalise(T.CenterCrop(c)(T.Resize(pre["resize"])(im)))[None]
+        if min(im.size) < c:
+            im = T.Resize(c, interpolation=T.InterpolationMode.BICUBIC)(im)
+        x = normalise(im)
+        h, w = x.shape[1:]
+        ys = [round(i * (h - c) / max(n - 1, 1)) for i in range(n)] if n > 1 else [(h - c) // 2]
+        xs = [round(i * (w - c) / max(n - 1, 1)) for i in range(n)] if n > 1 else [(w - c) // 2]
+        return torch.stack([x[:, y:y + c, x0:x0 + c] for y in ys for x0 in xs])
+
     files = sorted(Path(folder).iterdir())
     probs = []
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(files), 32):
             x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files[i:i + 32]])
-            probs.append(torch.softmax(net(x) / meta["temperature"], 1))
+            logits = net(x.flatten(0, 1)).view(x.shape[0], x.shape[1], -1).mean(1)  # mean logit
+            probs.append(torch.softmax(logits / meta["temperature"], 1))
     seconds = time.perf_counter() - start
     Path(out).write_text(json.dumps({"seconds": seconds, "images": len(files), "engine": "eager fp32",
                                      "probs": torch.cat(probs).tolist()}))
@@ -203,6 +221,23 @@ def _memory(tmp: Path) -> dict:
         out[f"predict_{n}_seconds"] = round(time.perf_counter() - start, 1)
     out["peak_rss_mb"] = out["peak_rss_mb_10000"]
     return out
+
+
+def _large_folder(root: Path, n: int = 64) -> Path:
+    """``n`` images of 1024-1536 px: the raw samples of that size, then bench crops
+    enlarged (Lanczos) to 1024x1024 or 1536x1024 and saved as JPEG q95."""
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    raw = [f for f in sorted((SHARED / "raw-samples").rglob("*")) if f.suffix in (".png", ".jpg")]
+    big = [f for f in raw if min(Image.open(f).size) >= 1024]
+    for f in big:
+        (root / f.name).symlink_to(f)
+    crops = random.Random(0).sample(sorted((BENCH / "native/val").rglob("*.jpg")), n - len(big))
+    for i, f in enumerate(crops):
+        size = (1024, 1024) if i % 2 else (1536, 1024)
+        Image.open(f).convert("RGB").resize(size, Image.LANCZOS).save(root / f"big{i:03d}.jpg", quality=95)
+    return root
 
 
 def _folder(root: Path, pool: list[Path], n: int) -> Path:

@@ -56,15 +56,21 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for the checkpoint, plots and card")
     t.add_argument("--val", metavar="DIR", nargs="+",
                    help="validation folder(s) (default: a stratified split of DATA_DIR)")
-    t.add_argument("--manifest", metavar="CSV",
-                   help="CSV with path, source, licence columns: training sources in the card")
+    t.add_argument("--manifest", metavar="CSV", nargs="+",
+                   help="CSV(s) with path, source, licence columns: training sources in the card")
     _add_train_options(t)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
 
     c = sub.add_parser("crossval", help="leave-one-source-out: train without each source, test on it")
     c.add_argument("data_dir", metavar="DATA_DIR", nargs="+", help="training folder(s), class sub-folders")
-    c.add_argument("--manifest", required=True, metavar="CSV", help="CSV with path and source columns")
+    c.add_argument("--manifest", required=True, metavar="CSV", nargs="+",
+                   help="CSV(s) with path and source columns (and generator for --group-by family)")
+    c.add_argument("--folds", type=int, default=0,
+                   help="grouped k-fold over sources (k >= 2) instead of leave-one-source-out")
+    c.add_argument("--group-by", choices=("source", "family"), default="source",
+                   help="k-fold groups: each source, or each family of sources (one generator, "
+                        "one collection of human images)")
     c.add_argument("--reference", metavar="DIR", nargs="+",
                    help="folder(s) whose images of the other kind complete each test set "
                         "(default: a seeded 20%% split of DATA_DIR)")
@@ -77,10 +83,10 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="metrics, confusion matrix and sample predictions on a labelled folder")
     e.add_argument("model", metavar="MODEL", help="checkpoint path or 'default'")
-    e.add_argument("data_dir", metavar="DATA_DIR")
+    e.add_argument("data_dir", metavar="DATA_DIR", nargs="+", help="labelled folder(s)")
     e.add_argument("--out", required=True, metavar="DIR")
-    e.add_argument("--manifest", metavar="CSV",
-                   help="CSV with path and source columns: adds per-source figures")
+    e.add_argument("--manifest", metavar="CSV", nargs="+",
+                   help="CSV(s) with path and source columns: adds per-source figures")
     e.add_argument("--no-robustness", dest="robustness", action="store_false",
                    help="skip the JPEG / downscale / blur sweep (8 more passes over the data)")
     e.add_argument("--batch-size", type=int, default=32)
@@ -152,11 +158,24 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rotation", type=float, default=d.rotation, help="max random rotation in degrees (0: off)")
     p.add_argument("--color-jitter", type=float, default=d.color_jitter,
                    help="brightness/contrast/saturation jitter strength (0: off)")
-    p.add_argument("--jpeg", type=float, default=d.jpeg, help="probability of a random JPEG re-encode")
+    p.add_argument("--downscale", type=float, default=d.downscale,
+                   help="probability of a random downscale x0.25-1 (every class alike)")
     p.add_argument("--blur", type=float, default=d.blur, help="probability of a random Gaussian blur")
-    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--noise", type=float, default=d.noise, help="probability of random Gaussian noise")
+    p.add_argument("--jpeg", type=float, default=d.jpeg,
+                   help="probability of a random JPEG or WebP re-encode, quality 40-95")
+    p.add_argument("--image-size", type=int, default=d.image_size,
+                   help="input side: resize and centre crop to it, or with --native the crop size")
     p.add_argument("--train-crop", type=int, default=d.train_crop,
                    help="train on random crops of this size (0: the centre crop)")
+    p.add_argument("--native", action="store_true",
+                   help="native resolution: never resize; train on random crops, score a grid of "
+                        "crops over the whole image")
+    p.add_argument("--crops", type=int, default=d.crops,
+                   help="with --native: score a CROPS x CROPS grid of crops, pooled by mean logit")
+    p.add_argument("--init", default=d.init, metavar="MODEL",
+                   help="start from this checkpoint (its backbone, head and preprocessing): adapt "
+                        "a model to new data in a few epochs")
     p.add_argument("--no-cache", dest="feature_cache", action="store_false",
                    help="frozen backbone: run the straightforward loop (augment, backbone, head, "
                         "every epoch) instead of training the head on cached features")
@@ -185,7 +204,8 @@ def _train(args) -> int:
 
 def _crossval(args) -> int:
     result = crossval(args.data_dir, args.manifest, args.out, _config(args), reference=args.reference,
-                      sources=args.sources, progress=not args.quiet)
+                      sources=args.sources, progress=not args.quiet, folds=args.folds,
+                      group_by=args.group_by)
     print(to_markdown(result))
     print(f"wrote {args.out}/crossval.json and {args.out}/crossval.md")
     return 0

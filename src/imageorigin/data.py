@@ -7,6 +7,7 @@ numbers that normalise an image live in one place: the model.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import threading
 from collections import deque
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
+from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
@@ -125,8 +128,11 @@ def stratified_split(
 # ---------------------------------------------------------------- manifests
 
 
-def read_manifest(path: str | os.PathLike, columns: Sequence[str] = ("path",)) -> list[dict]:
-    """The rows of a manifest CSV (e.g. ``dh3-bench/manifest.csv``), checking its columns."""
+def read_manifest(path, columns: Sequence[str] = ("path",)) -> list[dict]:
+    """The rows of a manifest CSV (e.g. ``dh3-bench/manifest.csv``), or of several
+    (a list of paths, rows concatenated), checking their columns."""
+    if not isinstance(path, (str, os.PathLike)):
+        return [row for p in path for row in read_manifest(p, columns)]
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = set(columns) - set(reader.fieldnames or ())
@@ -147,8 +153,9 @@ def match_manifest(files: Sequence[str | os.PathLike], rows: Sequence[dict]) -> 
     index: dict[tuple, list] = {}
     for row in rows:
         parts = PurePosixPath(row["path"].replace("\\", "/")).parts
-        for n in (3, 2, 1):
-            index.setdefault(parts[-n:], []).append(row)
+        # A set: a two-part path ("dalle/x.jpg") has the same last 3 and last 2 parts.
+        for key in {parts[-n:] for n in (3, 2, 1)}:
+            index.setdefault(key, []).append(row)
     out = []
     for file in files:
         parts = Path(file).parts
@@ -160,18 +167,147 @@ def match_manifest(files: Sequence[str | os.PathLike], rows: Sequence[dict]) -> 
 # ---------------------------------------------------------------- transforms
 
 
-def default_preprocessing(mean: Sequence[float], std: Sequence[float], size: int = 224) -> dict:
-    """The seed's preprocessing: resize the shorter side, centre crop, normalise."""
+def default_preprocessing(mean: Sequence[float], std: Sequence[float], size: int = 224,
+                          native: bool = False, grid: int = 1) -> dict:
+    """A model's preprocessing, stored in its checkpoint.
+
+    The seed's: resize the shorter side to ``size``, centre crop, normalise.
+    ``native=True``: no resize (an image is enlarged only where a side is under
+    ``size``), so pixel-level traces survive; the model scores ``grid`` x ``grid``
+    crops of ``size`` spread evenly over the whole image and pools them by their
+    mean logit (``pool``).
+    """
     return {
-        "resize": size,
+        "resize": None if native else size,
         "crop": size,
-        "interpolation": "bilinear",
+        "crops": grid,
+        "pool": "mean_logit",
+        "interpolation": "bicubic" if native else "bilinear",
         "mean": list(mean),
         "std": list(std),
     }
 
 
+def describe_preprocessing(pre: dict) -> str:
+    """The preprocessing in words, for model cards and reports."""
+    norm = f"ImageNet mean {pre['mean']} / std {pre['std']}"
+    if pre.get("resize") is None:
+        n = pre.get("crops", 1)
+        return (f"native resolution (never resized; enlarged only where a side is under {pre['crop']} px), "
+                f"{n}x{n} grid of {pre['crop']} px crops over the whole image, pooled by "
+                f"{pre.get('pool', 'mean_logit').replace('_', ' ')}, {norm}")
+    return f"resize shorter side to {pre['resize']}, centre crop {pre['crop']}, {norm}"
+
+
+def min_decode_size(pre: dict) -> int | None:
+    """The ``min_size`` for :func:`decode_image`'s reduced-size JPEG decoding:
+    the resize target, or None (decode at full size) for a native-crop model,
+    which reads the very pixel-level traces that decoding in the DCT blurs."""
+    return pre.get("resize")
+
+
+def grid_boxes(width: int, height: int, crop: int, n: int) -> list[tuple[int, int]]:
+    """Top-left corners of ``n`` x ``n`` crops of side ``crop`` spread evenly over a
+    ``width`` x ``height`` image (each side at least ``crop``), row by row.
+
+    n == 1 is the centre crop.  Crops overlap where the image is smaller than
+    ``n * crop`` and leave gaps where it is larger.
+    """
+    def spread(side: int) -> list[int]:
+        if n == 1:
+            return [int(round((side - crop) / 2.0))]
+        return [round(i * (side - crop) / (n - 1)) for i in range(n)]
+
+    return [(x, y) for y in spread(height) for x in spread(width)]
+
+
+def crop_boxes(width: int, height: int, pre: dict) -> list[tuple[int, int, int, int]]:
+    """Where a native-crop model's crops lie in a ``width`` x ``height`` image:
+    ``(left, top, width, height)`` in the image's own pixels, in the order of
+    :class:`GridCrops`.  (A resized model's crops are given in resized pixels.)"""
+    crop, n = pre["crop"], pre.get("crops", 1)
+    scale = max(1.0, crop / min(width, height)) if pre.get("resize") is None else 1.0
+    if scale > 1:  # torchvision's rule for resizing the shorter side to `crop`
+        w, h = (crop, int(crop * height / width)) if width <= height else (int(crop * width / height), crop)
+    else:
+        w, h = width, height
+    return [(round(x / scale), round(y / scale), round(crop / scale), round(crop / scale))
+            for x, y in grid_boxes(w, h, crop, n)]
+
+
+class EnlargeTo:
+    """Enlarge an image whose shorter side is under ``size`` to exactly ``size``
+    (aspect kept); larger images pass unchanged (native resolution)."""
+
+    def __init__(self, size: int, interpolation: str):
+        self.size, self.interpolation = size, InterpolationMode(interpolation)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        if min(h, w) >= self.size:
+            return image
+        return T.functional.resize(image, self.size, self.interpolation, antialias=True)
+
+
+class GridCrops:
+    """(3, H, W) -> (n*n, 3, crop, crop): the crops of :func:`grid_boxes`."""
+
+    def __init__(self, crop: int, n: int):
+        self.crop, self.n = crop, n
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        c = self.crop
+        return torch.stack([image[..., y:y + c, x:x + c] for x, y in grid_boxes(w, h, c, self.n)])
+
+
+class Degrade:
+    """What happens to an image on its way to the web, applied to every class alike
+    so that none of it marks a class: a random downscale (x0.25 to x1, one of
+    four resamplers), Gaussian blur (sigma 0.2-2), Gaussian noise (sigma 1-8 in
+    8-bit units) and a JPEG or WebP re-encode (quality 40-95), each with its own
+    probability.  PIL image in, PIL image out; draws from torch's RNG, so a
+    seeded dataset item gets the same degradation in any thread and run.
+    """
+
+    RESAMPLERS = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC,
+                  Image.Resampling.LANCZOS, Image.Resampling.BOX)
+
+    def __init__(self, downscale: float = 0.0, blur: float = 0.0, noise: float = 0.0,
+                 jpeg: float = 0.0):
+        self.p = {"downscale": downscale, "blur": blur, "noise": noise, "jpeg": jpeg}
+
+    @staticmethod
+    def _uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * torch.rand(()).item()
+
+    def _happens(self, what: str) -> bool:
+        return self.p[what] > 0 and torch.rand(()).item() < self.p[what]
+
+    def __call__(self, im: Image.Image) -> Image.Image:
+        if self._happens("downscale"):
+            f = self._uniform(0.25, 1.0)
+            size = (max(16, round(im.width * f)), max(16, round(im.height * f)))
+            im = im.resize(size, self.RESAMPLERS[torch.randint(len(self.RESAMPLERS), ()).item()])
+        if self._happens("blur"):
+            im = im.filter(ImageFilter.GaussianBlur(self._uniform(0.2, 2.0)))
+        if self._happens("noise"):
+            a = np.asarray(im, dtype=np.float32)
+            a = a + torch.randn(a.shape).numpy() * self._uniform(1.0, 8.0)
+            im = Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8))
+        if self._happens("jpeg"):
+            buf = io.BytesIO()
+            fmt = "JPEG" if torch.rand(()).item() < 0.5 else "WEBP"
+            im.save(buf, fmt, quality=int(self._uniform(40, 95)))
+            buf.seek(0)
+            with Image.open(buf) as re_encoded:
+                im = re_encoded.convert("RGB")
+        return im
+
+
 def _base(pre: dict) -> list:
+    if pre.get("resize") is None:  # native resolution
+        return [T.ToImage(), EnlargeTo(pre["crop"], pre["interpolation"]), T.CenterCrop(pre["crop"])]
     return [
         T.ToImage(),
         T.Resize(pre["resize"], interpolation=InterpolationMode(pre["interpolation"]), antialias=True),
@@ -184,28 +320,31 @@ def _normalise(pre: dict) -> list:
 
 
 def eval_transform(pre: dict) -> T.Compose:
-    """PIL RGB image -> (3, crop, crop) float tensor, as the model expects at inference."""
-    return T.Compose(_base(pre) + _normalise(pre))
+    """PIL RGB image -> the model's input: (3, crop, crop), or (K, 3, crop, crop)
+    for a model that scores K = ``crops``**2 crops of the image (pooled by
+    :meth:`imageorigin.model.Classifier.pool`)."""
+    base = _base(pre)
+    if pre.get("crops", 1) > 1:
+        base[-1] = GridCrops(pre["crop"], pre["crops"])
+    return T.Compose(base + _normalise(pre))
 
 
 def train_transform(pre: dict, augment: dict) -> T.Compose:
     """The eval transform with training augmentation added.
 
     ``augment`` keys: ``flip`` (bool), ``rotation`` (degrees), ``color_jitter``
-    (brightness/contrast/saturation strength), the seed card's three; and
-    ``jpeg`` / ``blur`` (probability of a JPEG re-encode at quality 40-95 / a
-    Gaussian blur with sigma 0.2-1.5, applied first, as to a re-shared file) and
+    (brightness/contrast/saturation strength), the seed card's three;
+    ``downscale`` / ``blur`` / ``noise`` / ``jpeg``: probabilities of each of
+    :class:`Degrade`'s steps, applied first, as to a re-shared file; and
     ``random_crop`` (train on random crops of this size instead of the centre
-    crop).  0 or False turns each off.
+    crop; a native-crop model always trains on random crops of its crop size).
+    0 or False turns each off.
     """
-    degrade = []
-    if augment.get("jpeg"):
-        degrade.append(T.RandomApply([T.JPEG((40, 95))], p=augment["jpeg"]))
-    if augment.get("blur"):
-        degrade.append(T.RandomApply([T.GaussianBlur(7, sigma=(0.2, 1.5))], p=augment["blur"]))
+    degrade = Degrade(**{k: augment.get(k, 0.0) for k in ("downscale", "blur", "noise", "jpeg")})
     base = _base(pre)
-    if augment.get("random_crop"):
-        base[-1] = T.RandomCrop(augment["random_crop"])
+    size = augment.get("random_crop") or (pre["crop"] if pre.get("resize") is None else 0)
+    if size:
+        base[-1] = T.RandomCrop(size)
     aug = []
     if augment.get("flip"):
         aug.append(T.RandomHorizontalFlip())
@@ -214,7 +353,7 @@ def train_transform(pre: dict, augment: dict) -> T.Compose:
     if augment.get("color_jitter"):
         s = augment["color_jitter"]
         aug.append(T.ColorJitter(brightness=s, contrast=s, saturation=s))
-    return T.Compose(base[:1] + degrade + base[1:] + aug + _normalise(pre))
+    return T.Compose([degrade] + base + aug + _normalise(pre))
 
 
 # ---------------------------------------------------------------- datasets
@@ -241,6 +380,7 @@ class ImageDataset(Dataset):
         self.labels = labels
         self.min_size = min_size
         self.seeds = seeds
+        self.sizes: dict[int, tuple[int, int]] = {}  # item index -> decoded (width, height)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -250,6 +390,7 @@ class ImageDataset(Dataset):
         label = -1 if self.labels is None else self.labels[i]
         try:
             image = item if hasattr(item, "mode") else decode_image(item, min_size=self.min_size)
+            self.sizes[i] = image.size
             if self.seeds is None:
                 return i, self.transform(image), label, None
             # torchvision draws from the global RNG: decoding threads

@@ -59,6 +59,10 @@ class Engine:
     run: Callable[[torch.Tensor], torch.Tensor]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, K); crops (B, N, 3, H, W) -> (B, N, K)."""
+        if x.dim() == 5:
+            b, n = x.shape[:2]
+            return self.run(x.flatten(0, 1)).view(b, n, -1)
         return self.run(x)
 
     def __str__(self) -> str:
@@ -222,7 +226,7 @@ MIN_SAME_LABEL = 0.995
 def check_precision(model, images: torch.Tensor, engine: str = "auto", batch_size: int = 32) -> dict:
     """Whether ``model`` (a Classifier) gives the fp32 answers in bf16 on ``images``.
 
-    ``images`` is (N, 3, H, W), already preprocessed.  Returns ``{"precision":
+    ``images`` is (N, 3, H, W) or crops (N, K, 3, H, W), already preprocessed.  Returns ``{"precision":
     "bf16" or "fp32", "images": N, "same_label": share, "max_prob_diff": ...}``:
     bf16 only if at least 99.5% of labels are the same and no calibrated
     probability moves by more than 0.01.
@@ -231,7 +235,8 @@ def check_precision(model, images: torch.Tensor, engine: str = "auto", batch_siz
     runs = {}
     for precision in PRECISIONS:
         run = create_engine(model, engine, precision=precision, input_size=size)
-        logits = torch.cat([run(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+        logits = model.pool(torch.cat([run(images[i:i + batch_size])
+                                       for i in range(0, len(images), batch_size)]))
         runs[precision], _ = model.scores(logits)  # (N, C) calibrated probabilities
     ref, low = runs["fp32"], runs["bf16"]
     same = (ref.argmax(1) == low.argmax(1)).float().mean().item()

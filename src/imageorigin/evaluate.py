@@ -22,7 +22,7 @@ from sklearn import metrics as skm
 from tqdm import tqdm
 
 from . import report
-from .data import LabelledFolder, match_manifest, read_manifest, scan_folder
+from .data import LabelledFolder, match_manifest, read_manifest, scan_folders
 from .fileio import atomic_path, write_json
 from .images import decode_image
 from .model import Classifier
@@ -85,7 +85,7 @@ def evaluate(
     engine: str = "auto",
     precision: str | None = None,
 ) -> dict:
-    """Evaluate ``model`` on a folder with one sub-folder per class (named as its labels).
+    """Evaluate ``model`` on a folder (or several) with one sub-folder per class (named as its labels).
 
     ``engine`` and ``precision`` choose how the forward pass runs (see :func:`predict`).
 
@@ -117,7 +117,7 @@ def evaluate(
     ``roc.png``, ``pr.png``, ``reliability.png``, ``robustness.png``,
     ``per_source.png``) there.
     """
-    folder = data if isinstance(data, LabelledFolder) else scan_folder(data, classes=model.labels)
+    folder = data if isinstance(data, LabelledFolder) else scan_folders(data, classes=model.labels)
     paths = [p for p, _ in folder.samples]
     truth = [y for _, y in folder.samples]
     run = {"engine": engine, "precision": precision}
@@ -172,7 +172,8 @@ def evaluate(
     sources = None
     if manifest is not None:
         sources = np.array(sources_from_manifest(manifest, [paths[i] for i in ok]))
-        result["manifest"] = str(manifest)
+        result["manifest"] = str(manifest) if isinstance(manifest, (str, os.PathLike)) \
+            else ", ".join(map(str, manifest))
         result["per_source"] = per_source(sources, y, y_pred, is_ai, p_ai, labels, threshold)
         aucs = [s["auc_vs_all_human"] for name, s in result["per_source"].items()
                 if s["auc_vs_all_human"] is not None and name != UNKNOWN_SOURCE]

@@ -7,6 +7,12 @@ checkpoint's preprocessing says, with a free batch dimension, and gives
 file's metadata: ``labels``, ``preprocessing``, ``temperature``, ``threshold``,
 ``human_label`` (JSON values) and ``imageorigin`` (the whole checkpoint
 description, as :meth:`Classifier.describe` gives it).
+
+A native multi-crop model (``preprocessing["crops"]`` n > 1) is exported per
+crop: feed an image's n*n crops (see :func:`imageorigin.data.crop_boxes`) as
+rows of the batch, take the mean of their ``logits`` (the ``pool`` rule), and
+the image's probabilities are ``softmax(mean_logits / temperature)``; ``probs``
+is then each crop's own.
 """
 
 from __future__ import annotations

@@ -112,7 +112,11 @@ def extract(files: Sequence[str | os.PathLike], engine: Engine, transform, names
                 for j, err in failures:
                     bad[todo[j][0]] = err
                 if images is not None:
-                    out = engine(images)  # (B, D)
+                    out = engine(images)  # (B, D), or (B, N, D) for N crops of each image
+                    if out.dim() == 3:
+                        # The crops' mean feature: with a linear head its logit is
+                        # the crops' mean logit, the model's pooling rule.
+                        out = out.mean(1)
                     for j, vec in zip(idx.tolist(), out):
                         i, v = todo[j]
                         feats[i, v] = vec

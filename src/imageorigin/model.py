@@ -84,8 +84,24 @@ class Classifier(nn.Module):
         self.transform = eval_transform(self.preprocessing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, C) logits."""
+        """(B, 3, H, W) normalised images -> (B, C) logits; crops (B, N, 3, H, W) ->
+        (B, C) pooled logits (see :meth:`pool`)."""
+        if x.dim() == 5:
+            b, n = x.shape[:2]
+            return self.pool(self.head(self.backbone(x.flatten(0, 1))).view(b, n, -1))
         return self.head(self.backbone(x))
+
+    def pool(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-crop logits (B, N, C) -> one image's logits (B, C), by the
+        preprocessing's ``pool`` rule: the mean logit (the published default for
+        multi-crop detectors; for a linear head it equals the head applied to the
+        crops' mean feature).  (B, C) passes unchanged."""
+        if logits.dim() == 2:
+            return logits
+        rule = self.preprocessing.get("pool", "mean_logit")
+        if rule != "mean_logit":
+            raise ValueError(f"unknown pooling rule {rule!r} in the checkpoint's preprocessing")
+        return logits.mean(1)
 
     def train(self, mode: bool = True) -> "Classifier":
         """Like nn.Module.train, but a frozen backbone always stays in eval mode.

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Union
 from PIL import Image
 from tqdm import tqdm
 
-from .data import ImageDataset, batches
+from .data import ImageDataset, batches, crop_boxes, min_decode_size
 from .engine import cached_engine
 from .model import Classifier
 
@@ -29,6 +29,10 @@ class Prediction:
     p_ai: float | None = None
     is_ai: bool | None = None
     error: str | None = None
+    # The patch map: where each scored crop lies in the image, (left, top,
+    # width, height) in its pixels, and the crop's own p_ai.  Empty for a
+    # single-crop model.
+    patches: list[dict] = field(default_factory=list)
 
     def row(self, labels: list[str]) -> dict:
         """Flat record: path, label, p_<label> per class, p_ai, is_ai, error."""
@@ -67,8 +71,8 @@ def predict(
     names = [f"<image {i}>" if isinstance(x, Image.Image) else str(x) for i, x in enumerate(items)]
     run = cached_engine(model, engine, precision or model.inference_precision,
                         model.preprocessing["crop"])
-    dl = batches(ImageDataset(items, model.transform, min_size=model.preprocessing["resize"]),
-                 batch_size, threads=num_workers)
+    dataset = ImageDataset(items, model.transform, min_size=min_decode_size(model.preprocessing))
+    dl = batches(dataset, batch_size, threads=num_workers)
     pending: dict[int, Prediction] = {}
     next_out = 0
     with tqdm(total=len(items), unit="img", disable=not progress, leave=False) as bar:
@@ -76,9 +80,12 @@ def predict(
             for i, err in failures:
                 pending[i] = Prediction(names[i], error=err)
             if images is not None:
-                probs, ai = model.scores(run(images))  # (B, C), (B,) or None
+                out = run(images)  # (B, C) logits, or (B, N, C) for N crops of each image
+                probs, ai = model.scores(model.pool(out))  # (B, C), (B,) or None
                 ai = [None] * len(probs) if ai is None else ai.tolist()
-                for i, p, p_ai in zip(idx.tolist(), probs.tolist(), ai):
+                crop_ai = _crop_p_ai(model, out)  # (B, N) or None
+                for j, (i, p, p_ai) in enumerate(zip(idx.tolist(), probs.tolist(), ai)):
+                    size = dataset.sizes.pop(i)  # (width, height)
                     pending[i] = Prediction(
                         names[i],
                         label=model.labels[max(range(len(p)), key=p.__getitem__)],
@@ -86,8 +93,21 @@ def predict(
                         p_ai=p_ai,
                         is_ai=None if p_ai is None or model.threshold is None
                         else p_ai >= model.threshold,
+                        patches=[] if crop_ai is None else [
+                            {"box": list(box), "p_ai": c}
+                            for box, c in zip(crop_boxes(*size, model.preprocessing),
+                                              crop_ai[j].tolist())],
                     )
             bar.update(len(failures) + (0 if images is None else len(images)))
             while next_out in pending:  # batches keep order; this is cheap insurance
                 yield pending.pop(next_out)
                 next_out += 1
+
+
+def _crop_p_ai(model: Classifier, out):
+    """Each crop's own calibrated p_ai, (B, N), from per-crop logits (B, N, C);
+    None for single-crop output or a model without a human class."""
+    if out.dim() != 3 or model.human_index is None:
+        return None
+    _, p_ai = model.scores(out.flatten(0, 1))
+    return p_ai.view(out.shape[0], out.shape[1])

@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .data import describe_preprocessing  # noqa: E402
 from .fileio import atomic_path, write_text  # noqa: E402
 from .images import ImageDecodeError, decode_image  # noqa: E402
 
@@ -458,20 +459,19 @@ def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = N
         f"- **Recipe**: {t.get('recipe')}.",
         f"- **Base Model**: {model.backbone.name}, pretrained on ImageNet "
         f"(weights: {model.describe()['backbone']['source'] if t.get('weights') == 'imagenet' else t.get('weights')}).",
-        f"- **Optimizer**: Adam with a learning rate of {t.get('lr')}.",
+        f"- **Optimizer**: {'AdamW' if t.get('weight_decay') else 'Adam'} with a learning rate of {t.get('lr')}.",
         "- **Loss Function**: Cross-Entropy Loss.",
         f"- **Batch Size**: {t.get('batch_size')}",
         f"- **Epochs**: {t.get('epochs')}",
-        f"- **Augmentation**: horizontal flip {'on' if t.get('flip') else 'off'}, rotation "
-        f"±{t.get('rotation')}°, colour jitter {t.get('color_jitter')}, JPEG re-encode p="
-        f"{t.get('jpeg')}, Gaussian blur p={t.get('blur')}"
+        f"- **Augmentation** (every class alike): horizontal flip {'on' if t.get('flip') else 'off'}, "
+        f"rotation ±{t.get('rotation')}°, colour jitter {t.get('color_jitter')}, downscale x0.25-1 p="
+        f"{t.get('downscale', 0)}, Gaussian blur p={t.get('blur')}, noise p={t.get('noise', 0)}, "
+        f"JPEG/WebP re-encode p={t.get('jpeg')}"
         + (f", random {t.get('train_crop')}px crops" if t.get("train_crop") else "") + ".",
         f"- **Schedule**: {t.get('schedule')}, weight decay {t.get('weight_decay')}, label "
         f"smoothing {t.get('label_smoothing')}.",
         calibration,
-        f"- **Preprocessing**: resize shorter side to {model.preprocessing['resize']}, centre crop "
-        f"{model.preprocessing['crop']}, ImageNet mean {model.preprocessing['mean']} / std "
-        f"{model.preprocessing['std']}.",
+        f"- **Preprocessing**: {describe_preprocessing(model.preprocessing)}.",
         f"- **Training data**: `{t.get('data_dir')}` ({counts(t.get('train_counts'))}).",
         f"- **Validation data**: `{t.get('val_dir')}` ({counts(t.get('val_counts'))})." if t.get("val_dir")
         else f"- **Validation data**: {t.get('val_split')} of the training folder.",

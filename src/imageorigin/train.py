@@ -15,7 +15,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -31,6 +31,7 @@ from .data import (
     batches,
     default_preprocessing,
     loader,
+    min_decode_size,
     match_manifest,
     read_manifest,
     scan_folders,
@@ -41,6 +42,7 @@ from .engine import check_precision, create_engine
 from .evaluate import evaluate
 from .fileio import write_json
 from .model import Classifier, save
+from .model import load as load_model
 from .runtime import device
 
 Folders = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], LabelledFolder]
@@ -66,10 +68,21 @@ class TrainConfig:
     flip: bool = True
     rotation: float = 15.0  # degrees
     color_jitter: float = 0.2  # brightness / contrast / saturation strength
-    jpeg: float = 0.0  # probability of a random JPEG re-encode
-    blur: float = 0.0  # probability of a random Gaussian blur
+    # Degradations applied to every class alike, each with its probability
+    # (see data.Degrade): downscale x0.25-1, blur, noise, JPEG / WebP re-encode.
+    downscale: float = 0.0
+    blur: float = 0.0
+    noise: float = 0.0
+    jpeg: float = 0.0
     image_size: int = 224  # resize the shorter side and centre crop to this
     train_crop: int = 0  # >0: train on random crops of this size
+    # Native resolution: no resize; train on random image_size crops, score a
+    # crops x crops grid of them over the whole image, pooled by mean logit.
+    native: bool = False
+    crops: int = 1
+    # Warm start: a checkpoint whose backbone, head, labels and preprocessing
+    # this run starts from (adapting a model to a new generator).
+    init: str | None = None
     # Frozen backbone only: compute the features of `views` augmented views of
     # each image once (kept on disk in cache_dir, default ~/.cache/imageorigin)
     # and train the head on them.  False: the straightforward loop.  One view
@@ -99,7 +112,14 @@ def train(
     cfg = config or TrainConfig()
     out = Path(out_dir)
     torch.manual_seed(cfg.seed)
-    pool = data if isinstance(data, LabelledFolder) else scan_folders(data)
+    start = _warm_start(cfg.init) if cfg.init else None
+    if start is not None:  # the run's settings say what it really trained
+        cfg = replace(cfg, backbone=start.backbone.name, weights=start.backbone_weights,
+                      image_size=start.preprocessing["crop"],
+                      native=start.preprocessing.get("resize") is None,
+                      crops=start.preprocessing.get("crops", 1))
+    pool = data if isinstance(data, LabelledFolder) else scan_folders(
+        data, None if start is None else start.labels)
     if val is None:
         train_set, val_set = stratified_split(pool, cfg.val_fraction, cfg.seed)
     else:
@@ -109,13 +129,7 @@ def train(
     if cfg.calibration_fraction > 0:
         train_set, calib_set = stratified_split(train_set, cfg.calibration_fraction, cfg.seed)
 
-    spec = backbones.get_spec(cfg.backbone)
-    model = Classifier(
-        backbones.build_backbone(cfg.backbone, cfg.weights),
-        pool.classes,
-        backbone_weights="imagenet" if cfg.weights == "imagenet" else str(cfg.weights),
-        preprocessing=default_preprocessing(spec.mean, spec.std, cfg.image_size),
-    )
+    model = start or _new_model(cfg, pool.classes)
     dev = device()
     model.to(dev)
     model.frozen = not cfg.finetune
@@ -123,7 +137,8 @@ def train(
         p.requires_grad_(cfg.finetune)
 
     augment = {"flip": cfg.flip, "rotation": cfg.rotation, "color_jitter": cfg.color_jitter,
-               "jpeg": cfg.jpeg, "blur": cfg.blur, "random_crop": cfg.train_crop}
+               "downscale": cfg.downscale, "blur": cfg.blur, "noise": cfg.noise, "jpeg": cfg.jpeg,
+               "random_crop": cfg.train_crop}
     cached = cfg.feature_cache and not cfg.finetune
     out.mkdir(parents=True, exist_ok=True)
     report.collage(train_set, out / "collage.png")
@@ -138,7 +153,7 @@ def train(
     else:
         train_dl = loader(
             ImageDataset([p for p, _ in train_set.samples], train_transform(model.preprocessing, augment),
-                         [y for _, y in train_set.samples], min_size=model.preprocessing["resize"]),
+                         [y for _, y in train_set.samples], min_size=min_decode_size(model.preprocessing)),
             cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed,
         )
         epoch_batches = lambda epoch: _image_batches(model, train_dl, cfg.finetune)  # noqa: E731
@@ -217,6 +232,25 @@ def train(
     return model.eval()
 
 
+def _warm_start(path: str) -> Classifier:
+    """The checkpoint a run starts from: its backbone, head, labels and preprocessing
+    (its temperature, threshold and metrics are fitted again)."""
+    model = load_model(path)
+    model.temperature, model.threshold, model.inference_precision = 1.0, None, "fp32"
+    return model
+
+
+def _new_model(cfg: TrainConfig, classes: list[str]) -> Classifier:
+    """A new model for ``cfg``: a registry backbone and a fresh linear head."""
+    spec = backbones.get_spec(cfg.backbone)
+    return Classifier(
+        backbones.build_backbone(cfg.backbone, cfg.weights),
+        classes,
+        backbone_weights="imagenet" if cfg.weights == "imagenet" else str(cfg.weights),
+        preprocessing=default_preprocessing(spec.mean, spec.std, cfg.image_size, cfg.native, cfg.crops),
+    )
+
+
 def _image_batches(model: Classifier, dl, finetune: bool):
     """The straightforward loop's batches: augment, forward through the backbone, the head.
 
@@ -251,7 +285,7 @@ class _FeatureSource:
     def _extract(self, folder: LabelledFolder, transform, names: list[str], desc: str):
         cfg = self.cfg
         v = features.extract([p for p, _ in folder.samples], self.engine, transform, names,
-                             self.context, seed=cfg.seed, min_size=self.model.preprocessing["resize"],
+                             self.context, seed=cfg.seed, min_size=min_decode_size(self.model.preprocessing),
                              batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                              progress=self.progress, desc=desc)
         self.stats["vectors_cached"] += v.cached
@@ -352,7 +386,7 @@ def _calibrate(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, prog
     # bf16 doubles CPU speed, but only some models give the fp32 answers in it.
     images = torch.cat([x for _, x, _, _ in batches(
         ImageDataset([p for p, _ in folder.samples[:256]], model.transform,
-                     min_size=model.preprocessing["resize"]),
+                     min_size=min_decode_size(model.preprocessing)),
         cfg.batch_size) if x is not None])
     check = check_precision(model, images)
     model.inference_precision = check["precision"]
