@@ -49,6 +49,9 @@ def test_jsonl_matches_the_python_api(raw, capsys):
     for r, p in zip(rows, api):
         assert r["label"] == p.label and r["p_ai"] == pytest.approx(p.p_ai, abs=1e-6)
         assert r["error"] is None
+        # the default scores a 3x3 grid of crops: the patch map comes with each row
+        assert len(r["patches"]) == 9
+        assert [c["p_ai"] for c in r["patches"]] == pytest.approx([c["p_ai"] for c in p.patches], abs=1e-6)
 
 
 def test_predict_accepts_pil_images(raw):

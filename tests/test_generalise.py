@@ -94,6 +94,15 @@ def test_prediction_pools_crops_and_returns_the_patch_map(native_run, raw):
     assert p.probs["human"] == pytest.approx(probs[0, 1].item(), abs=1e-4)
 
 
+def test_calibration_offers_stricter_operating_points(native_run):
+    _, out = native_run
+    model = imageorigin.load(out / "model.safetensors")
+    t = model.info["thresholds_at_fpr"]
+    assert list(t) == ["0.01", "0.02", "0.05", "0.1"]
+    assert t["0.01"] >= t["0.02"] >= t["0.05"] >= t["0.1"]
+    assert t["0.05"] == model.threshold  # the default --target-fpr
+
+
 def test_same_pixels_same_answer_for_a_native_model(native_run, raw, tmp_path):
     """A large JPEG is decoded at full size for a model that reads pixel-level traces:
     its lossless PNG copy gets the same answer."""

@@ -267,8 +267,8 @@ def _write(preds: Iterable[Prediction], labels: list[str], fmt: str, out: TextIO
             writer.writerow(p.row(labels))
             yield p
     elif fmt == "jsonl":
-        for p in preds:
-            out.write(json.dumps(p.row(labels)) + "\n")
+        for p in preds:  # JSON lines carry the patch map too: per-crop p_ai and where each crop lies
+            out.write(json.dumps({**p.row(labels), "patches": p.patches}) + "\n")
             yield p
     else:
         rows = []

@@ -498,8 +498,10 @@ def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = N
         "![Confusion matrix](val/confusion_matrix.png)",
         "---",
         "## **Model Architecture**",
-        f"- **Feature Extractor**: {model.backbone.name} with frozen layers (kept in eval mode, so "
-        f"BatchNorm statistics do not drift), {model.backbone.dim} pooled features.",
+        (f"- **Feature Extractor**: {model.backbone.name}, every layer fine-tuned, "
+         f"{model.backbone.dim} pooled features." if t.get("finetune") else
+         f"- **Feature Extractor**: {model.backbone.name} with frozen layers (kept in eval mode, so "
+         f"BatchNorm statistics do not drift), {model.backbone.dim} pooled features."),
         f"- **Classifier**: a fully connected layer with {len(model.labels)} output nodes, one per "
         f"class ({', '.join(names)}).",
         "---",
