@@ -149,15 +149,18 @@ def test_default_model_is_self_describing():
     assert meta["backbone"] == {"name": "mobilenet_v2", "weights": "checkpoint",
                                 "source": "stored in this checkpoint"}
     assert meta["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
-    assert meta["preprocessing"]["crop"] == 256
+    # native resolution: a 3x3 grid of 96 px crops, never resized, pooled by mean logit
+    assert meta["preprocessing"]["crop"] == 96 and meta["preprocessing"]["resize"] is None
+    assert meta["preprocessing"]["crops"] == 3 and meta["preprocessing"]["pool"] == "mean_logit"
     t = meta["info"]["training"]
-    assert t["finetune"] and t["epochs"] == 8
+    assert t["finetune"] and t["epochs"] == 5 and t["native"]
     # calibrated on held-out training data; sources and licences come from the manifest
     assert 0 < meta["threshold"] < 1 and 0 < meta["temperature"] < 20
-    assert meta["info"]["calibration"]["target_fpr"] == 0.05
+    assert meta["info"]["calibration"]["target_fpr"] == 0.01
     sources = meta["info"]["sources"]
     assert sources["bsds500/real_photo"]["licence"] == "research dataset"
-    assert sum(s["n"] for s in sources.values()) == 2 * 1370  # both views of the training split
+    # both views of the training split of both data sets
+    assert sum(s["n"] for s in sources.values()) == 2 * (1370 + 2069)
     with safe_open(str(imageorigin.model.default_model_path()), "pt") as f:
         keys = list(f.keys())
     assert {"head.weight", "head.bias"} <= set(keys) and len(keys) > 300

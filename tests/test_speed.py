@@ -18,7 +18,7 @@ import imageorigin
 from imageorigin import features
 from imageorigin.backbones import build_backbone
 from imageorigin.cli import main
-from imageorigin.data import eval_transform, train_transform
+from imageorigin.data import eval_transform, min_decode_size, train_transform
 from imageorigin.engine import cached_engine, check_precision, create_engine
 from imageorigin.images import decode_image, find_images
 
@@ -62,9 +62,10 @@ def test_each_engine_in_fp32_matches_pytorch(default, val_images, engine):
         ref = default(x)
     run = create_engine(default, engine, precision="fp32", input_size=x.shape[-1])
     assert run.name == engine and run.precision == "fp32"
-    assert torch.allclose(run(x), ref, atol=1e-3)
+    # (16, 9, 3, 96, 96) crops in, (16, 9, 3) per-crop logits out, pooled as the model pools
+    assert torch.allclose(default.pool(run(x)), ref, atol=1e-3)
     # the batch dimension is free: a batch of one gives the same row
-    assert torch.allclose(run(x[:1]), ref[:1], atol=1e-3)
+    assert torch.allclose(default.pool(run(x[:1])), ref[:1], atol=1e-3)
 
 
 def test_default_model_is_kept_in_fp32_because_bf16_changes_its_answers(default, val_images):
@@ -74,7 +75,8 @@ def test_default_model_is_kept_in_fp32_because_bf16_changes_its_answers(default,
     assert check["precision"] == "fp32"
     assert check["max_prob_diff"] > 0.01 and check["images"] == len(val_images)
     assert default.inference_precision == "fp32"
-    assert str(cached_engine(default, "auto", default.inference_precision, 256)) == "openvino fp32"
+    assert str(cached_engine(default, "auto", default.inference_precision,
+                             default.preprocessing["crop"])) == "openvino fp32"
 
 
 def test_a_model_that_is_insensitive_to_bf16_is_allowed_it(val_images):
@@ -85,15 +87,30 @@ def test_a_model_that_is_insensitive_to_bf16_is_allowed_it(val_images):
     assert check == {"precision": "bf16", "images": 8, "same_label": 1.0, "max_prob_diff": 0.0}
 
 
-def test_large_jpegs_decode_at_reduced_size_with_the_same_answer(default, raw):
+def test_large_jpegs_decode_at_reduced_size_with_the_same_answer(raw):
+    # Only for a model that resizes (the seed's preprocessing): it never sees the
+    # pixel-level detail that decoding in the DCT at 1/2 scale gives up.
+    torch.manual_seed(0)
+    model = imageorigin.Classifier(build_backbone("mobilenet_v2"), ["dalle", "human", "other_ai"]).eval()
+    size = min_decode_size(model.preprocessing)
+    assert size == 224
     big = raw / "dalle/eudoxia0_gallery_of_sand__dalle2__timon__pollock__6.jpg"
-    full, reduced = decode_image(big), decode_image(big, min_size=256)
+    full, reduced = decode_image(big), decode_image(big, min_size=size)
     assert full.size == (1024, 1024) and reduced.size == (512, 512)  # DCT-scaled by 1/2
     small = raw / "human/bsds500__real_photo__test_65084.jpg"  # under 2x the target: untouched
-    assert decode_image(small, min_size=256).size == decode_image(small).size
+    assert decode_image(small, min_size=size).size == decode_image(small).size
     with torch.no_grad():
-        p = [default.scores(default(default.transform(im)[None]))[0] for im in (full, reduced)]
+        p = [model.scores(model(model.transform(im)[None]))[0] for im in (full, reduced)]
     assert (p[0] - p[1]).abs().max() < 0.005
+
+
+def test_native_crop_models_always_decode_at_full_size(default, raw):
+    # The default reads pixel-level traces: no reduced-size decoding for it.
+    assert min_decode_size(default.preprocessing) is None
+    big = raw / "dalle/eudoxia0_gallery_of_sand__dalle2__timon__pollock__6.jpg"
+    [p] = imageorigin.predict(default, [big])
+    ref = _reference_probs(default, [big])[0]
+    assert torch.allclose(torch.tensor([p.probs[l] for l in default.labels]), ref, atol=1e-4)
 
 
 def test_onnx_export_matches_pytorch_in_onnx_runtime(default, val_images, tmp_path):
@@ -107,12 +124,16 @@ def test_onnx_export_matches_pytorch_in_onnx_runtime(default, val_images, tmp_pa
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for files in (val_images[:5], val_images[:1]):  # two batch sizes: the batch is dynamic
-        x = torch.stack([default.transform(decode_image(f)) for f in files])
+        x = torch.stack([default.transform(decode_image(f)) for f in files])  # (B, 9, 3, 96, 96)
         with torch.no_grad():
-            ref = default(x)
-        logits, probs = session.run(["logits", "probs"], {"image": x.numpy()})
-        np.testing.assert_allclose(logits, ref.numpy(), atol=1e-4)
-        np.testing.assert_allclose(probs, default.scores(ref)[0].numpy(), atol=1e-5)
+            ref = default(x)  # (B, 3): the mean logit of each image's crops
+        # The graph scores crops: an image's 9 crops are rows of the batch, and
+        # the mean of their logits is the image's (as export.py documents).
+        logits, _ = session.run(["logits", "probs"], {"image": x.flatten(0, 1).numpy()})
+        pooled = logits.reshape(len(files), 9, -1).mean(1)
+        np.testing.assert_allclose(pooled, ref.numpy(), atol=1e-4)
+        np.testing.assert_allclose(default.scores(torch.from_numpy(pooled))[0].numpy(),
+                                   default.scores(ref)[0].numpy(), atol=1e-5)
 
 
 def test_export_refuses_an_unknown_format(tmp_path, capsys):
