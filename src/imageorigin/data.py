@@ -374,13 +374,16 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, items: Sequence, transform, labels: Sequence[int] | None = None,
-                 min_size: int | None = None, seeds: Sequence[int] | None = None):
+                 min_size: int | None = None, seeds: Sequence[int] | None = None,
+                 record_sizes: bool = False):
         self.items = list(items)
         self.transform = transform
         self.labels = labels
         self.min_size = min_size
         self.seeds = seeds
-        self.sizes: dict[int, tuple[int, int]] = {}  # item index -> decoded (width, height)
+        # With record_sizes: item index -> decoded (width, height), for the caller
+        # to pop (predict's patch map), so that it stays as small as the batches in flight.
+        self.sizes: dict[int, tuple[int, int]] | None = {} if record_sizes else None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -390,7 +393,8 @@ class ImageDataset(Dataset):
         label = -1 if self.labels is None else self.labels[i]
         try:
             image = item if hasattr(item, "mode") else decode_image(item, min_size=self.min_size)
-            self.sizes[i] = image.size
+            if self.sizes is not None:
+                self.sizes[i] = image.size
             if self.seeds is None:
                 return i, self.transform(image), label, None
             # torchvision draws from the global RNG: decoding threads

@@ -71,7 +71,8 @@ def predict(
     names = [f"<image {i}>" if isinstance(x, Image.Image) else str(x) for i, x in enumerate(items)]
     run = cached_engine(model, engine, precision or model.inference_precision,
                         model.preprocessing["crop"])
-    dataset = ImageDataset(items, model.transform, min_size=min_decode_size(model.preprocessing))
+    dataset = ImageDataset(items, model.transform, min_size=min_decode_size(model.preprocessing),
+                           record_sizes=True)
     dl = batches(dataset, batch_size, threads=num_workers)
     pending: dict[int, Prediction] = {}
     next_out = 0
