@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import LabelledFolder, match_manifest, read_manifest, scan_folders, stratified_split
+from .data import (LabelledFolder, manifest_name, match_manifest, read_manifest, scan_folders,
+                   stratified_split)
 from .evaluate import UNKNOWN_SOURCE, figures
 from .fileio import write_json, write_text
 from .predict import predict
@@ -120,7 +121,6 @@ def crossval(
             held = np.array([fold_of.get(g, -1) == f for g in key])
             plan.append((f"fold {f + 1}", held, held, sorted(g for g, v in fold_of.items() if v == f)))
     else:
-        fold_of = None
         for source in sources or sorted(set(src) - {UNKNOWN_SOURCE}):
             held = src == source
             kinds = set(is_human[held])
@@ -189,8 +189,7 @@ def _summary(table: list[dict], fold_rows: list[dict], cfg: TrainConfig, manifes
         "mean_human_flagged": float(np.mean(human_flags)) if human_flags else None,
         "sources": table,
         "folds": fold_rows,
-        "manifest": str(manifest) if isinstance(manifest, (str, os.PathLike))
-        else ", ".join(map(str, manifest)),
+        "manifest": manifest_name(manifest),
         "config": cfg.__dict__,
     }
 

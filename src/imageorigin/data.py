@@ -142,6 +142,11 @@ def read_manifest(path, columns: Sequence[str] = ("path",)) -> list[dict]:
         return list(reader)
 
 
+def manifest_name(path) -> str:
+    """How reports name a manifest argument: its path, or several joined by ", "."""
+    return str(path) if isinstance(path, (str, os.PathLike)) else ", ".join(map(str, path))
+
+
 def match_manifest(files: Sequence[str | os.PathLike], rows: Sequence[dict]) -> list[dict | None]:
     """The manifest row of each file, or None.
 

@@ -22,7 +22,7 @@ from sklearn import metrics as skm
 from tqdm import tqdm
 
 from . import report
-from .data import LabelledFolder, match_manifest, read_manifest, scan_folders
+from .data import LabelledFolder, manifest_name, match_manifest, read_manifest, scan_folders
 from .fileio import atomic_path, write_json
 from .images import decode_image
 from .model import Classifier
@@ -172,8 +172,7 @@ def evaluate(
     sources = None
     if manifest is not None:
         sources = np.array(sources_from_manifest(manifest, [paths[i] for i in ok]))
-        result["manifest"] = str(manifest) if isinstance(manifest, (str, os.PathLike)) \
-            else ", ".join(map(str, manifest))
+        result["manifest"] = manifest_name(manifest)
         result["per_source"] = per_source(sources, y, y_pred, is_ai, p_ai, labels, threshold)
         aucs = [s["auc_vs_all_human"] for name, s in result["per_source"].items()
                 if s["auc_vs_all_human"] is not None and name != UNKNOWN_SOURCE]
