@@ -9,20 +9,36 @@ import pytest
 import imageorigin
 from imageorigin.cli import main
 
-COLUMNS = ["path", "label", "p_dalle", "p_human", "p_other_ai", "p_ai", "is_ai", "error"]
+COLUMNS = ["path", "verdict", "label", "p_dalle", "p_human", "p_other_ai", "p_ai", "is_ai", "caveats", "error"]
+
+
+def _table(lines):
+    """Rows of an aligned table as dicts, cut at the header's column starts."""
+    header = lines[0]
+    starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
+    names = header.split()
+    cut = lambda line: [line[a:b].strip() for a, b in zip(starts, starts[1:] + [None])]  # noqa: E731
+    return [dict(zip(names, cut(line))) for line in lines[1:]]
 
 
 def test_predict_table_on_the_raw_samples(raw, capsys):
     assert main(["predict", str(raw), "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == COLUMNS[:-1] + ["error"]
-    assert len(lines) == 16  # header + 15 images, folders searched recursively
-    for line in lines[1:]:
-        cells = line.split()
-        assert cells[1] in ("dalle", "human", "other_ai")
-        probs = [float(c) for c in cells[2:5]]
+    assert lines[0].startswith("# likely AI: p_ai >= ")
+    assert lines[1].split() == COLUMNS
+    rows = _table(lines[1:-1])
+    assert len(rows) == 15  # 15 images, folders searched recursively
+    assert lines[-1].startswith("15 images: ") and lines[-1].endswith(" 0 errors")
+    for r in rows:
+        assert r["label"] in ("dalle", "human", "other_ai")
+        assert r["verdict"] in ("likely_ai", "uncertain", "likely_human")
+        probs = [float(r[f"p_{c}"]) for c in ("dalle", "human", "other_ai")]
         assert sum(probs) == pytest.approx(1, abs=2e-4)
-        assert float(cells[5]) == pytest.approx(1 - probs[1], abs=2e-4)
+        assert float(r["p_ai"]) == pytest.approx(1 - probs[1], abs=2e-4)
+    # clip art is flat graphics: said, and never a confident verdict
+    clipart = [r for r in rows if "openclipart" in r["path"]]
+    assert clipart and all(r["caveats"] == "screenshot or flat graphics" and r["verdict"] == "uncertain"
+                           for r in clipart)
 
 
 def test_bad_file_gets_an_error_row_and_the_batch_goes_on(raw, tmp_path, capsys):
@@ -70,7 +86,7 @@ def test_missing_model_is_a_message_not_a_traceback(raw, tmp_path, capsys):
 
 
 def test_info_and_export(capsys, tmp_path):
-    assert main(["info"]) == 0
+    assert main(["info", "--json"]) == 0
     meta = json.loads(capsys.readouterr().out)
     assert meta["labels"] == ["dalle", "human", "other_ai"]
     # the default is a MobileNetV2: it has no seed (.pth DenseNet121) layout

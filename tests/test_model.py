@@ -35,9 +35,8 @@ def images(raw):
 
 def _reference(net, model, paths):
     """torchvision's own forward pass on the checkpoint's preprocessing of each file
-    (decoded as predict decodes it: large JPEGs at reduced size)."""
-    size = model.preprocessing["resize"]
-    x = torch.stack([model.transform(imageorigin.decode_image(p, min_size=size)) for p in paths])
+    (decoded as predict decodes it)."""
+    x = torch.stack([model.transform(imageorigin.decode_image(p)) for p in paths])
     with torch.no_grad():
         return torch.softmax(net(x), 1)
 

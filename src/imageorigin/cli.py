@@ -11,9 +11,9 @@ import sys
 from dataclasses import fields
 from typing import Iterable, TextIO
 
-from . import backbones
+from . import __version__, backbones, report
 from .crossval import crossval, to_markdown
-from .data import DataFolderError
+from .data import DataFolderError, describe_preprocessing
 from .engine import ENGINES, PRECISIONS, cached_engine
 from .evaluate import evaluate
 from .export import export_onnx
@@ -24,6 +24,7 @@ from .predict import Prediction, predict
 from .train import TrainConfig, train
 
 # Errors that mean "the user asked for something that cannot be done": a message, not a traceback.
+GALLERY_MAX = 48
 USER_ERRORS = (CheckpointError, DataFolderError, backbones.BackboneWeightsError, ValueError,
                FileNotFoundError)
 
@@ -48,7 +49,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="imageorigin",
         description="Tell whether an image was made by a person, by DALL-E, or by another AI generator.",
     )
+    p.add_argument("--version", action="version", version=f"imageorigin {__version__}")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
+    # Every sub-command's --help shows each option's default.
+    add = sub.add_parser
+    sub.add_parser = lambda *a, **k: add(*a, formatter_class=_Help, **k)
 
     t = sub.add_parser("train", help="train the seed's recipe on a folder with one sub-folder per class")
     t.add_argument("data_dir", metavar="DATA_DIR", nargs="+",
@@ -76,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: a seeded 20%% split of DATA_DIR)")
     c.add_argument("--source", dest="sources", action="append", metavar="NAME",
                    help="only this held-out source (repeatable; default: every source)")
-    c.add_argument("--out", required=True, metavar="DIR")
+    c.add_argument("--out", required=True, metavar="DIR", help="folder for crossval.json, crossval.md and each fold")
     _add_train_options(c)
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=_crossval)
@@ -84,28 +89,35 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="metrics, confusion matrix and sample predictions on a labelled folder")
     e.add_argument("model", metavar="MODEL", help="checkpoint path or 'default'")
     e.add_argument("data_dir", metavar="DATA_DIR", nargs="+", help="labelled folder(s)")
-    e.add_argument("--out", required=True, metavar="DIR")
+    e.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json, report.md and plots")
     e.add_argument("--manifest", metavar="CSV", nargs="+",
                    help="CSV(s) with path and source columns: adds per-source figures")
     e.add_argument("--no-robustness", dest="robustness", action="store_false",
                    help="skip the JPEG / downscale / blur sweep (8 more passes over the data)")
-    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--no-samples", dest="samples", action="store_false",
+                   help="draw no gallery of the images (for a report published where they may not be copied)")
+    e.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     e.add_argument("--workers", dest="num_workers", type=int, default=None,
                    help="decoding threads (default: one per CPU, at most 8)")
     _add_engine_options(e)
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_evaluate)
 
     r = sub.add_parser("predict", help="classify image files and folders (recursively)")
-    r.add_argument("paths", nargs="+", metavar="PATH")
+    r.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders (searched recursively)")
     r.add_argument("--model", default="default", metavar="MODEL", help="checkpoint path or 'default'")
-    r.add_argument("--format", choices=("table", "csv", "jsonl"), default="table")
+    r.add_argument("--format", choices=("table", "csv", "jsonl"), default="table",
+                   help="an aligned table for reading, CSV, or JSON lines with caveats and the patch map")
     r.add_argument("--out", metavar="FILE", help="write here instead of standard output")
-    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--gallery", metavar="OUT.png",
+                   help=f"also draw the first {GALLERY_MAX} images with their verdicts into this picture")
+    r.add_argument("--threshold", type=float, default=None, metavar="P",
+                   help="call an image AI from p_ai >= P (default: the threshold stored in the model)")
+    r.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     r.add_argument("--workers", dest="num_workers", type=int, default=None,
                    help="decoding threads (default: one per CPU, at most 8)")
     _add_engine_options(r)
-    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--quiet", action="store_true", help="no progress bar, engine line or summary on stderr")
     r.set_defaults(func=_predict)
 
     x = sub.add_parser("export", help="write a model as ONNX (OUT.onnx) or, for DenseNet121 models, "
@@ -115,7 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     x.set_defaults(func=_export)
 
     i = sub.add_parser("info", help="print a model's labels, preprocessing, settings and metrics")
-    i.add_argument("model", metavar="MODEL", nargs="?", default="default")
+    i.add_argument("model", metavar="MODEL", nargs="?", default="default",
+                   help="checkpoint, seed .pth, exported .onnx, or 'default'")
+    i.add_argument("--json", action="store_true", help="the raw metadata as JSON")
     i.set_defaults(func=_info)
 
     a = sub.add_parser("audit", help="per-class formats, sizes, metadata, shortcut warnings and duplicates")
@@ -125,6 +139,17 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_audit)
     return p
+
+
+class _Help(argparse.HelpFormatter):
+    """Help that states every option's default (on/off switches say what they turn)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.nargs != 0 and action.default not in (None, argparse.SUPPRESS) \
+                and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -138,22 +163,28 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     """The training recipe's flags, shared by train and crossval: every TrainConfig field."""
     d = TrainConfig()
-    p.add_argument("--backbone", default=d.backbone, choices=sorted(backbones.REGISTRY))
+    p.add_argument("--backbone", default=d.backbone, choices=sorted(backbones.REGISTRY),
+                   help="ImageNet-pretrained feature extractor (mobilenet_v2 works offline)")
     p.add_argument("--weights", default=d.weights,
                    help="backbone weights: 'imagenet', 'random' or a state dict file (default: %(default)s)")
     p.add_argument("--finetune", action="store_true", help="train the whole backbone, not only the head")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training data")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per optimiser step")
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate (the peak, with onecycle)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="> 0: AdamW instead of Adam")
-    p.add_argument("--schedule", choices=("constant", "onecycle"), default=d.schedule)
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--schedule", choices=("constant", "onecycle"), default=d.schedule,
+                   help="learning-rate schedule: constant, or warm up then anneal")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help="cross-entropy label smoothing (0: off)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="share of the data held out for validation when no --val is given")
     p.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction,
                    help="share of the training data held out to fit the temperature and threshold")
     p.add_argument("--target-fpr", type=float, default=d.target_fpr,
                    help="share of human images the stored AI threshold may flag (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice: splits, order, augmentation")
+    p.add_argument("--human-class", default=d.human_class, metavar="NAME",
+                   help="the class of images made by people (p_ai = 1 - p(NAME))")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="turn random horizontal flips off")
     p.add_argument("--rotation", type=float, default=d.rotation, help="max random rotation in degrees (0: off)")
     p.add_argument("--color-jitter", type=float, default=d.color_jitter,
@@ -173,6 +204,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "crops over the whole image")
     p.add_argument("--crops", type=int, default=d.crops,
                    help="with --native: score a CROPS x CROPS grid of crops, pooled by mean logit")
+    p.add_argument("--no-samples", dest="samples", action="store_false",
+                   help="draw no collage or gallery of the images (for a card published where they "
+                        "may not be copied)")
     p.add_argument("--init", default=d.init, metavar="MODEL",
                    help="start from this checkpoint (its backbone, head and preprocessing): adapt "
                         "a model to new data in a few epochs")
@@ -213,7 +247,7 @@ def _crossval(args) -> int:
 
 def _evaluate(args) -> int:
     result = evaluate(load(args.model), args.data_dir, args.out, manifest=args.manifest,
-                      robustness=args.robustness, batch_size=args.batch_size,
+                      robustness=args.robustness, samples=args.samples, batch_size=args.batch_size,
                       num_workers=args.num_workers, progress=not args.quiet, engine=args.engine,
                       precision=args.precision)
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
@@ -238,14 +272,44 @@ def _predict(args) -> int:
         print(f"imageorigin: {len(files)} images, engine {engine}", file=sys.stderr)
     preds = predict(model, files, batch_size=args.batch_size, num_workers=args.num_workers,
                     progress=not args.quiet and sys.stderr.isatty(), engine=args.engine,
-                    precision=args.precision)
-    failed = 0
+                    precision=args.precision, threshold=args.threshold)
+    counts = dict.fromkeys(("likely_ai", "uncertain", "likely_human", "error"), 0)
+    shown = []
     with _output(args.out) as out:
+        if args.format == "table":
+            out.write(_header(model, args.threshold) + "\n")
         for p in _write(preds, model.labels, args.format, out):
-            failed += p.error is not None
-    if failed:
-        print(f"imageorigin: {failed} of {len(files)} files could not be read", file=sys.stderr)
-    return 1 if failed else 0
+            key = "error" if p.error else p.verdict
+            counts[key] = counts.get(key, 0) + 1
+            if args.gallery and len(shown) < GALLERY_MAX and not p.error:
+                shown.append(p)
+        summary = (f"{len(files)} images: {counts['likely_ai']} flagged as AI (likely AI), "
+                   f"{counts['uncertain']} uncertain, {counts['likely_human']} likely human, "
+                   f"{counts['error']} errors")
+        if args.format == "table":
+            out.write(summary + "\n")
+    if args.gallery:
+        report.prediction_gallery(shown, args.gallery)
+    if (args.format != "table" or args.out) and not args.quiet:
+        print(f"imageorigin: {summary}", file=sys.stderr)
+    if counts["error"]:  # said even with --quiet: the exit status alone does not name the count
+        print(f"imageorigin: {counts['error']} of {len(files)} files could not be read", file=sys.stderr)
+    return 1 if counts["error"] else 0
+
+
+def _header(model, threshold: float | None) -> str:
+    """The table's first line: where the verdict bands lie."""
+    if model.human_label is None:
+        return "# no human class in this model: no AI verdict, only class probabilities"
+    cut = model.threshold if threshold is None else threshold
+    if cut is None:
+        return "# no stored threshold: no verdict (give --threshold P)"
+    low = (model.bands or {}).get("likely_human")
+    where = "given with --threshold" if threshold is not None else "stored in the model"
+    text = f"# likely AI: p_ai >= {cut:.4f} ({where})"
+    if low is not None:
+        text += f"; likely human: p_ai <= {min(low, cut):.4f}; uncertain between"
+    return text + "; an image with a caveat is uncertain"
 
 
 @contextlib.contextmanager
@@ -268,12 +332,15 @@ def _write(preds: Iterable[Prediction], labels: list[str], fmt: str, out: TextIO
             yield p
     elif fmt == "jsonl":
         for p in preds:  # JSON lines carry the patch map too: per-crop p_ai and where each crop lies
-            out.write(json.dumps({**p.row(labels), "patches": p.patches}) + "\n")
+            out.write(json.dumps({**p.row(labels), "caveats": p.caveats, "patches": p.patches}) + "\n")
             yield p
     else:
         rows = []
         for p in preds:
-            rows.append([_cell(v) for v in p.row(labels).values()])
+            row = p.row(labels)
+            # The table names each caveat by its tag; CSV and JSON lines give the sentences.
+            row["caveats"] = "; ".join(c.split(":")[0] for c in p.caveats) or None
+            rows.append([_cell(v) for v in row.values()])
             yield p
         widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(columns)]
         for r in [columns] + rows:
@@ -298,8 +365,45 @@ def _export(args) -> int:
 
 
 def _info(args) -> int:
-    print(json.dumps(load(args.model).describe(), indent=2))
+    model = load(args.model)
+    meta = model.describe()
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    print("\n".join(_summary(model, meta, args.model)))
     return 0
+
+
+def _summary(model, meta: dict, name: str) -> list[str]:
+    """A readable account of a model: what it tells apart, how it reads an image, how it did."""
+    info = meta.get("info") or {}
+    t, m = info.get("training", {}), info.get("metrics", {})
+    lines = [f"model      {name}",
+             f"backbone   {meta['backbone']['name'] if 'backbone' in meta else '?'}"
+             + (f", {t.get('recipe')}" if t.get("recipe") else ""),
+             "classes    " + ", ".join(f"{l} ({model.display_names.get(l, l)})" for l in model.labels),
+             f"human      {model.human_label or 'none: no p_ai, threshold or verdict'}",
+             f"reads      {describe_preprocessing(model.preprocessing)}"]
+    if model.threshold is not None:
+        bands = model.bands or {}
+        lines.append(f"verdict    likely AI at p_ai >= {model.threshold:.4f}"
+                     + (f", likely human at p_ai <= {bands['likely_human']:.4f}, uncertain between"
+                        if bands.get("likely_human") is not None else ", likely human below"))
+    lines.append(f"calibrated temperature {model.temperature:.3f}, runs in {model.inference_precision}")
+    if m:
+        lines.append(f"validation accuracy {m.get('val_accuracy', float('nan')):.4f}, loss "
+                     f"{m.get('val_loss', float('nan')):.4f}"
+                     + (f" (epoch {m['best_epoch']} of {m['epochs']}, the best kept)" if m.get("best_epoch")
+                        else f" (after {m.get('epochs')} epochs)"))
+    if t.get("train_counts"):
+        lines.append("trained on " + ", ".join(f"{k} {v}" for k, v in t["train_counts"].items())
+                     + f" images from {t.get('data_dir')}")
+    if info.get("sources"):
+        lines.append(f"sources    {len(info['sources'])} (see --json)")
+    for w in info.get("warnings", []):
+        lines.append(f"warning    {w}")
+    lines.append("(--json for everything stored in the model)")
+    return lines
 
 
 def _audit(args) -> int:

@@ -204,13 +204,6 @@ def describe_preprocessing(pre: dict) -> str:
     return f"resize shorter side to {pre['resize']}, centre crop {pre['crop']}, {norm}"
 
 
-def min_decode_size(pre: dict) -> int | None:
-    """The ``min_size`` for :func:`decode_image`'s reduced-size JPEG decoding:
-    the resize target, or None (decode at full size) for a native-crop model,
-    which reads the very pixel-level traces that decoding in the DCT blurs."""
-    return pre.get("resize")
-
-
 def grid_boxes(width: int, height: int, crop: int, n: int) -> list[tuple[int, int]]:
     """Top-left corners of ``n`` x ``n`` crops of side ``crop`` spread evenly over a
     ``width`` x ``height`` image (each side at least ``crop``), row by row.
@@ -372,23 +365,22 @@ class ImageDataset(Dataset):
 
     Each item gives ``(index, tensor or None, label, error or None)``: a file that
     cannot be decoded is reported, not raised, so the rest of a batch goes on.
-    ``min_size`` (the transform's resize target) lets large JPEGs decode at
-    reduced size; see :func:`decode_image`.  ``seeds`` (one per item) makes a
+    ``seeds`` (one per item) makes a
     random transform draw item ``i``'s augmentation from its own seed, the same
     in any worker and any run.
     """
 
     def __init__(self, items: Sequence, transform, labels: Sequence[int] | None = None,
-                 min_size: int | None = None, seeds: Sequence[int] | None = None,
-                 record_sizes: bool = False):
+                 seeds: Sequence[int] | None = None, inspect=None):
         self.items = list(items)
         self.transform = transform
         self.labels = labels
-        self.min_size = min_size
         self.seeds = seeds
-        # With record_sizes: item index -> decoded (width, height), for the caller
-        # to pop (predict's patch map), so that it stays as small as the batches in flight.
-        self.sizes: dict[int, tuple[int, int]] | None = {} if record_sizes else None
+        # With inspect (a function of the decoded PIL image): item index -> its
+        # result (predict: size and caveats), for the caller to pop, so that it
+        # stays as small as the batches in flight.
+        self.inspect = inspect
+        self.seen: dict[int, object] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -397,9 +389,9 @@ class ImageDataset(Dataset):
         item = self.items[i]
         label = -1 if self.labels is None else self.labels[i]
         try:
-            image = item if hasattr(item, "mode") else decode_image(item, min_size=self.min_size)
-            if self.sizes is not None:
-                self.sizes[i] = image.size
+            image = item if hasattr(item, "mode") else decode_image(item)
+            if self.inspect is not None:
+                self.seen[i] = self.inspect(image)
             if self.seeds is None:
                 return i, self.transform(image), label, None
             # torchvision draws from the global RNG: decoding threads

@@ -84,6 +84,8 @@ def create_engine(module: nn.Module, engine: str = "auto", *, precision: str = "
         raise ValueError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if not isinstance(module, nn.Module):  # an exported ONNX model brings its own engine
+        return module.engine(engine, precision)
     fp32 = precision == "fp32"
     module.eval()
     on_cpu = next(module.parameters()).device.type == "cpu"
@@ -120,7 +122,8 @@ def cached_engine(module: nn.Module, engine: str = "auto", precision: str = "fp3
     those calls from compiling the model again each time.  The last few engines
     are kept.
     """
-    key = (module_digest(module, input_size), engine, precision)
+    digest = module_digest(module, input_size) if isinstance(module, nn.Module) else module.digest
+    key = (digest, engine, precision)
     if key not in _ENGINES:
         while len(_ENGINES) >= 4:
             _ENGINES.pop(next(iter(_ENGINES)))

@@ -27,6 +27,7 @@ from .fileio import atomic_path, write_json
 from .images import decode_image
 from .model import Classifier
 from .predict import predict
+from .verdict import BANDS
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def evaluate(
     *,
     manifest: str | os.PathLike | None = None,
     robustness: bool = True,
+    samples: bool = True,
     batch_size: int = 32,
     num_workers: int | None = None,
     progress: bool = False,
@@ -88,6 +90,8 @@ def evaluate(
     """Evaluate ``model`` on a folder (or several) with one sub-folder per class (named as its labels).
 
     ``engine`` and ``precision`` choose how the forward pass runs (see :func:`predict`).
+    ``samples=False`` draws no gallery of the images (for reports published
+    where the images may not be copied).
 
     Returns the metrics dict: ``accuracy``, ``loss`` (mean cross-entropy),
     ``labels``, ``confusion_matrix`` (rows = true class, in ``labels`` order),
@@ -156,6 +160,7 @@ def evaluate(
         "threshold": threshold,
         "human_flagged_rate": clean["human_flagged_rate"],
         "ai_detected_rate": clean["ai_detected_rate"],
+        "verdicts": None if is_ai is None else _verdicts([preds[i] for i in ok], is_ai),
         "ece": ece,
         "ece_ai": ece_ai,
         "confusion_matrix": skm.confusion_matrix(y, y_pred, labels=range(k)).tolist(),
@@ -164,7 +169,7 @@ def evaluate(
                 "f1": float(f1[j]), "support": int(support[j])}
             for j, l in enumerate(labels)
         },
-        "model": {"backbone": model.backbone.name, "temperature": model.temperature},
+        "model": {"backbone": model.describe()["backbone"]["name"], "temperature": model.temperature},
         "data_dir": str(folder.root),
         "errors": [preds[i].error for i in range(len(preds)) if preds[i].error is not None],
     }
@@ -190,7 +195,8 @@ def evaluate(
                            None if sources is None else dict(zip(ok, sources)))
         report.confusion_plot(result["confusion_matrix"], labels, out / "confusion_matrix.png",
                               title=f"accuracy {result['accuracy']:.3f} on {len(ok)} images")
-        report.gallery(model, [paths[i] for i in ok], y, probs, out / "gallery.png")
+        if samples:
+            report.gallery(model, [paths[i] for i in ok], y, probs, out / "gallery.png")
         report.write_evaluation_report(result, out, model.display_names)
     return result
 
@@ -392,6 +398,19 @@ def robustness_sweep(model: Classifier, paths: Sequence, y: np.ndarray, y_pred: 
 
 
 # ---------------------------------------------------------------- outputs
+
+
+def _verdicts(preds, is_ai: np.ndarray) -> dict | None:
+    """Share of human and of AI images in each verdict band (what a user reads,
+    caveats included), e.g. {"human": {"likely_ai": 0.01, ...}, "ai": {...}}."""
+    if preds[0].verdict is None:
+        return None
+    out = {}
+    for kind, mask in (("human", ~is_ai), ("ai", is_ai)):
+        mine = [p.verdict for p, m in zip(preds, mask) if m]
+        if mine:
+            out[kind] = {b: mine.count(b) / len(mine) for b in BANDS}
+    return out
 
 
 def _write_predictions(path: Path, preds, truth, labels, sources: dict | None) -> None:

@@ -12,11 +12,15 @@ A native multi-crop model (``preprocessing["crops"]`` n > 1) is exported per
 crop: feed an image's n*n crops (see :func:`imageorigin.data.crop_boxes`) as
 rows of the batch, take the mean of their ``logits`` (the ``pool`` rule), and
 the image's probabilities are ``softmax(mean_logits / temperature)``; ``probs``
-is then each crop's own.
+is then each crop's own.  Per crop, so that the patch map survives export.
+
+:func:`load_onnx` reads such a file back as a model ``predict`` runs (on
+OpenVINO, which reads ONNX): ``imageorigin predict --model model.onnx``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,8 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import eval_transform
+from .engine import Engine
 from .fileio import atomic_path
-from .model import Classifier
+from .model import CheckpointError, Classifier, Scoring
 
 
 class _WithProbs(nn.Module):
@@ -57,3 +63,69 @@ def export_onnx(model: Classifier, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         program.save(tmp)
     return Path(path)
+
+
+class OnnxClassifier(Scoring):
+    """A model exported by :func:`export_onnx`, read back: the same labels,
+    preprocessing, temperature, threshold and bands as the checkpoint it came
+    from, its forward pass run by OpenVINO from the ONNX file itself."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path = Path(path)
+        self.meta = meta
+        self.labels = list(meta["labels"])
+        self.display_names = meta.get("display_names") or {l: l for l in self.labels}
+        self.human_label = meta.get("human_label")
+        self.preprocessing = meta["preprocessing"]
+        self.temperature = float(meta.get("temperature", 1.0))
+        self.threshold = meta.get("threshold")
+        self.bands = meta.get("bands")
+        self.inference_precision = meta.get("inference_precision", "fp32")
+        self.info = meta.get("info") or {}
+        self.transform = eval_transform(self.preprocessing)
+        with self.path.open("rb") as f:
+            self.digest = hashlib.file_digest(f, "sha256").hexdigest()
+
+    def describe(self) -> dict:
+        """The checkpoint description stored in the ONNX file, and where it was read."""
+        return {**self.meta, "onnx": {"path": str(self.path), "sha256": self.digest}}
+
+    def engine(self, engine: str = "auto", precision: str = "fp32") -> Engine:
+        """OpenVINO compiling the ONNX graph: (B, 3, crop, crop) -> logits (B, C)."""
+        if engine not in ("auto", "openvino"):
+            raise ValueError(f"{self.path}: an .onnx model runs on OpenVINO (--engine auto or openvino)")
+        import openvino as ov
+
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if precision == "fp32":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+        logits = compiled.output("logits")
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(compiled(x.detach().cpu().float().contiguous().numpy())[logits].copy())
+
+        return Engine("openvino", {"bf16": "bf16", "f16": "fp16"}.get(hint, "fp32"), run)
+
+    def to(self, device) -> "OnnxClassifier":
+        return self
+
+    def eval(self) -> "OnnxClassifier":
+        return self
+
+
+def load_onnx(path: str | os.PathLike) -> OnnxClassifier:
+    """Read an ONNX file written by :func:`export_onnx`; CheckpointError names the
+    file if it is not valid ONNX or carries no imageorigin metadata."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # onnx raises DecodeError and others for non-ONNX bytes
+        raise CheckpointError(f"{path}: not a valid ONNX file ({type(err).__name__})") from None
+    meta = {p.key: p.value for p in proto.metadata_props}.get("imageorigin")
+    if meta is None:
+        raise CheckpointError(f"{path}: an ONNX file without imageorigin metadata (not written by "
+                              "`imageorigin export`): its labels and preprocessing are unknown")
+    return OnnxClassifier(Path(path), json.loads(meta))

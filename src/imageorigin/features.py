@@ -79,7 +79,7 @@ def view_names(views: int, augment: dict, seed: int) -> list[str]:
 
 
 def extract(files: Sequence[str | os.PathLike], engine: Engine, transform, names: list[str],
-            context: Path | None, *, seed: int = 0, min_size: int | None = None,
+            context: Path | None, *, seed: int = 0,
             batch_size: int = 32, num_workers: int | None = None, progress: bool = False,
             desc: str = "features") -> Views:
     """Features of every file under every view in ``names`` (see :func:`view_names`).
@@ -106,7 +106,7 @@ def extract(files: Sequence[str | os.PathLike], engine: Engine, transform, names
         # View k of a file is drawn with its own seed, so it is the same view
         # whichever batch, worker or run computes it.
         seeds = [_view_seed(seed, digests[i], names[v]) for i, v in todo]
-        dataset = ImageDataset([files[i] for i, _ in todo], transform, min_size=min_size, seeds=seeds)
+        dataset = ImageDataset([files[i] for i, _ in todo], transform, seeds=seeds)
         with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False) as bar:
             for idx, images, _, failures in batches(dataset, batch_size, threads=num_workers):
                 for j, err in failures:

@@ -47,18 +47,16 @@ def max_pixels() -> int:
     return int(os.environ.get("IMAGEORIGIN_MAX_PIXELS", DEFAULT_MAX_PIXELS))
 
 
-def decode_image(source: Source, name: str | None = None, min_size: int | None = None) -> Image.Image:
+def decode_image(source: Source, name: str | None = None) -> Image.Image:
     """Decode a file, bytes or binary stream into an 8-bit RGB PIL image.
 
     EXIF orientation is applied; palette, grayscale, 16-bit, CMYK and alpha
     images are converted to RGB, with transparency composited on white; an
     animated image gives its first frame.
 
-    ``min_size``: a JPEG whose sides are both at least twice this may be
-    decoded at 1/2, 1/4 or 1/8 scale (in the DCT, far cheaper than a full
-    decode) as long as both sides stay at least ``2 * min_size``.  Callers that
-    resize the shorter side to ``min_size`` next see the same image to within
-    rounding: the 2x margin is Pillow's own ``reducing_gap`` rule for thumbnails.
+    Always at full size: decoding a JPEG at reduced size in the DCT is cheaper
+    but blurs the pixel-level traces detectors read, and gave a fine-tuned
+    model a different answer for a .jpg and a lossless .png of the same pixels.
 
     Raises:
         ImageDecodeError: for empty, truncated, corrupt or non-image data, and
@@ -84,8 +82,6 @@ def decode_image(source: Source, name: str | None = None, min_size: int | None =
                         f"limit of {max_pixels()} (set IMAGEORIGIN_MAX_PIXELS to raise it)",
                     )
                 im.seek(0)  # first frame of an animated GIF/WEBP/PNG
-                if min_size and im.format == "JPEG":
-                    im.draft(im.mode, (2 * min_size, 2 * min_size))
                 im.load()
                 return _to_rgb(ImageOps.exif_transpose(im))
     except ImageDecodeError:

@@ -42,13 +42,45 @@ class CheckpointError(ValueError):
     """A model file cannot be loaded; the message names the file and the reason."""
 
 
-class Classifier(nn.Module):
+class Scoring:
+    """What every model gives callers besides its forward pass: pooling crops,
+    calibrated scores and the human class.  Shared by :class:`Classifier` and
+    an exported ONNX model (:class:`imageorigin.export.OnnxClassifier`); needs
+    ``preprocessing``, ``temperature``, ``labels`` and ``human_label``."""
+
+    def pool(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-crop logits (B, N, C) -> one image's logits (B, C), by the
+        preprocessing's ``pool`` rule: the mean logit (the published default for
+        multi-crop detectors; for a linear head it equals the head applied to the
+        crops' mean feature).  (B, C) passes unchanged."""
+        if logits.dim() == 2:
+            return logits
+        rule = self.preprocessing.get("pool", "mean_logit")
+        if rule != "mean_logit":
+            raise ValueError(f"unknown pooling rule {rule!r} in the checkpoint's preprocessing")
+        return logits.mean(1)
+
+    def scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Calibrated probabilities (B, C) = softmax(logits / temperature), and
+        p_ai (B,) = 1 - p(human), None for a model without a human class."""
+        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=1)
+        h = self.human_index
+        return probs, None if h is None else 1.0 - probs[:, h]
+
+    @property
+    def human_index(self) -> int | None:
+        """Index of the human-created class, or None if the model has none."""
+        return None if self.human_label is None else self.labels.index(self.human_label)
+
+
+class Classifier(Scoring, nn.Module):
     """A backbone producing (B, D) features and a linear head producing (B, C) logits.
 
     Attributes that travel with the checkpoint: ``labels``, ``display_names``,
     ``human_label``, ``preprocessing`` (see :func:`imageorigin.data.eval_transform`),
     ``temperature`` (logits are divided by it before the softmax: calibration),
-    ``threshold`` (p_ai at or above it means "AI-generated"), ``inference_precision``
+    ``threshold`` (p_ai at or above it means "AI-generated"), ``bands`` (the
+    verdict cut-points, see :mod:`imageorigin.verdict`), ``inference_precision``
     ("bf16" only if checked to give the fp32 answers, see
     :func:`imageorigin.engine.check_precision`; else "fp32") and ``info``.
     """
@@ -63,6 +95,7 @@ class Classifier(nn.Module):
         human_label: str | None = "human",
         preprocessing: dict | None = None,
         threshold: float | None = None,
+        bands: dict | None = None,
         temperature: float = 1.0,
         inference_precision: str = "fp32",
         info: dict | None = None,
@@ -78,6 +111,7 @@ class Classifier(nn.Module):
         spec = backbones.get_spec(backbone.name)
         self.preprocessing = preprocessing or default_preprocessing(spec.mean, spec.std, spec.size)
         self.threshold = threshold
+        self.bands = bands
         self.temperature = float(temperature)
         self.inference_precision = inference_precision
         self.info = dict(info or {})
@@ -91,18 +125,6 @@ class Classifier(nn.Module):
             return self.pool(self.head(self.backbone(x.flatten(0, 1))).view(b, n, -1))
         return self.head(self.backbone(x))
 
-    def pool(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per-crop logits (B, N, C) -> one image's logits (B, C), by the
-        preprocessing's ``pool`` rule: the mean logit (the published default for
-        multi-crop detectors; for a linear head it equals the head applied to the
-        crops' mean feature).  (B, C) passes unchanged."""
-        if logits.dim() == 2:
-            return logits
-        rule = self.preprocessing.get("pool", "mean_logit")
-        if rule != "mean_logit":
-            raise ValueError(f"unknown pooling rule {rule!r} in the checkpoint's preprocessing")
-        return logits.mean(1)
-
     def train(self, mode: bool = True) -> "Classifier":
         """Like nn.Module.train, but a frozen backbone always stays in eval mode.
 
@@ -113,18 +135,6 @@ class Classifier(nn.Module):
         if self.frozen:
             self.backbone.eval()
         return self
-
-    def scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Calibrated probabilities (B, C) = softmax(logits / temperature), and
-        p_ai (B,) = 1 - p(human), None for a model without a human class."""
-        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=1)
-        h = self.human_index
-        return probs, None if h is None else 1.0 - probs[:, h]
-
-    @property
-    def human_index(self) -> int | None:
-        """Index of the human-created class, or None if the model has none."""
-        return None if self.human_label is None else self.labels.index(self.human_label)
 
     def describe(self) -> dict:
         """The JSON metadata stored in a checkpoint."""
@@ -142,6 +152,7 @@ class Classifier(nn.Module):
             "human_label": self.human_label,
             "preprocessing": self.preprocessing,
             "threshold": self.threshold,
+            "bands": self.bands,
             "temperature": self.temperature,
             "inference_precision": self.inference_precision,
             "info": self.info,
@@ -184,8 +195,44 @@ def load(model: str | os.PathLike = "default") -> Classifier:
     path = default_model_path() if str(model) == "default" else Path(model)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such model file")
-    clf = _load_safetensors(path) if _is_safetensors(path) else _load_seed(path)
-    return clf.to(device()).eval()
+    if path.suffix.lower() == ".onnx":
+        from .export import load_onnx  # export imports this module
+
+        return load_onnx(path)
+    if _is_safetensors(path):
+        return _load_safetensors(path).to(device()).eval()
+    if _is_torch_file(path):
+        return _load_seed(path).to(device()).eval()
+    raise CheckpointError(
+        f"{path}: {_what_is(path)}, not a model file. MODEL is 'default', an imageorigin "
+        ".safetensors checkpoint, a seed-format .pth, or an .onnx written by `imageorigin export`")
+
+
+def _is_torch_file(path: Path) -> bool:
+    # torch.save writes a zip archive (PK), older versions a bare pickle (0x80).
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head[:2] == b"PK" or head[:1] == b"\x80"
+
+
+def _what_is(path: Path) -> str:
+    """A few words on what a file that is not a model looks like."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return f"a {im.format} image"
+    except (UnidentifiedImageError, OSError):
+        pass
+    with path.open("rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "an empty file"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "binary data of no known model format"
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -224,6 +271,7 @@ def _load_safetensors(path: Path) -> Classifier:
         human_label=meta.get("human_label"),
         preprocessing=meta["preprocessing"],
         threshold=meta.get("threshold"),
+        bands=meta.get("bands"),
         temperature=meta.get("temperature", 1.0),
         inference_precision=meta.get("inference_precision", "fp32"),
         info=meta.get("info"),

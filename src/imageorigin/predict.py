@@ -12,22 +12,31 @@ from typing import Iterable, Iterator, Union
 from PIL import Image
 from tqdm import tqdm
 
-from .data import ImageDataset, batches, crop_boxes, min_decode_size
+from .data import ImageDataset, batches, crop_boxes
 from .engine import cached_engine
 from .model import Classifier
+from .verdict import band, image_caveats
 
 Item = Union[str, os.PathLike, Image.Image]
 
 
 @dataclass
 class Prediction:
-    """One image's result.  ``error`` is set (and ``label`` None) when it could not be read."""
+    """One image's result.  ``error`` is set (and ``label`` None) when it could not be read.
+
+    ``is_ai`` is True only for the "likely_ai" verdict; ``label`` agrees with
+    it: "human" unless p_ai reaches the threshold, else the likelier AI class.
+    (A caveat can leave an image with an AI label "uncertain", never the
+    reverse.)  ``caveats`` say why the model is unreliable on this image.
+    """
 
     path: str
     label: str | None = None
     probs: dict[str, float] = field(default_factory=dict)
     p_ai: float | None = None
     is_ai: bool | None = None
+    verdict: str | None = None
+    caveats: list[str] = field(default_factory=list)
     error: str | None = None
     # The patch map: where each scored crop lies in the image, (left, top,
     # width, height) in its pixels, and the crop's own p_ai.  Empty for a
@@ -35,11 +44,12 @@ class Prediction:
     patches: list[dict] = field(default_factory=list)
 
     def row(self, labels: list[str]) -> dict:
-        """Flat record: path, label, p_<label> per class, p_ai, is_ai, error."""
-        out = {"path": self.path, "label": self.label}
+        """Flat record: path, verdict, label, p_<label> per class, p_ai, is_ai, caveats, error."""
+        out = {"path": self.path, "verdict": self.verdict, "label": self.label}
         out.update({f"p_{l}": self.probs.get(l) for l in labels})
         out["p_ai"] = self.p_ai
         out["is_ai"] = self.is_ai
+        out["caveats"] = "; ".join(self.caveats) or None
         out["error"] = self.error
         return out
 
@@ -53,6 +63,7 @@ def predict(
     progress: bool = False,
     engine: str = "auto",
     precision: str | None = None,
+    threshold: float | None = None,
 ) -> Iterator[Prediction]:
     """Classify image files or PIL images; yields one Prediction per item, in order.
 
@@ -64,19 +75,21 @@ def predict(
     ``inference_precision``; "fp32" forces full precision).  Memory stays flat
     however many items there are: only a few batches are in flight at a time.  Probabilities are the
     softmax of the logits divided by the model's calibrated ``temperature``.
-    ``p_ai`` is ``1 - p(human)`` for models that have a human class, and
-    ``is_ai`` is ``p_ai >= model.threshold`` when the model stores a threshold.
+    ``p_ai`` is ``1 - p(human)`` for models that have a human class; the
+    verdict band (:mod:`imageorigin.verdict`) uses ``threshold`` (default: the
+    model's stored one) and the checkpoint's bands, and each image's caveats.
     """
     items = list(items)
     names = [f"<image {i}>" if isinstance(x, Image.Image) else str(x) for i, x in enumerate(items)]
     run = cached_engine(model, engine, precision or model.inference_precision,
                         model.preprocessing["crop"])
-    dataset = ImageDataset(items, model.transform, min_size=min_decode_size(model.preprocessing),
-                           record_sizes=True)
+    crop = model.preprocessing["crop"]
+    cut = model.threshold if threshold is None else threshold
+    dataset = ImageDataset(items, model.transform, inspect=lambda im: (im.size, image_caveats(im, crop)))
     dl = batches(dataset, batch_size, threads=num_workers)
     pending: dict[int, Prediction] = {}
     next_out = 0
-    with tqdm(total=len(items), unit="img", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(items), desc="predict", unit="img", disable=not progress, leave=False) as bar:
         for idx, images, _, failures in dl:
             for i, err in failures:
                 pending[i] = Prediction(names[i], error=err)
@@ -86,14 +99,16 @@ def predict(
                 ai = [None] * len(probs) if ai is None else ai.tolist()
                 crop_ai = _crop_p_ai(model, out)  # (B, N) or None
                 for j, (i, p, p_ai) in enumerate(zip(idx.tolist(), probs.tolist(), ai)):
-                    size = dataset.sizes.pop(i)  # (width, height)
+                    size, caveats = dataset.seen.pop(i)  # (width, height), [str]
+                    verdict = band(p_ai, model.bands, cut, caveats)
                     pending[i] = Prediction(
                         names[i],
-                        label=model.labels[max(range(len(p)), key=p.__getitem__)],
+                        label=_label(model, p, p_ai, cut),
                         probs=dict(zip(model.labels, p)),
                         p_ai=p_ai,
-                        is_ai=None if p_ai is None or model.threshold is None
-                        else p_ai >= model.threshold,
+                        is_ai=None if verdict is None else verdict == "likely_ai",
+                        verdict=verdict,
+                        caveats=caveats,
                         patches=[] if crop_ai is None else [
                             {"box": list(box), "p_ai": c}
                             for box, c in zip(crop_boxes(*size, model.preprocessing),
@@ -103,6 +118,16 @@ def predict(
             while next_out in pending:  # batches keep order; this is cheap insurance
                 yield pending.pop(next_out)
                 next_out += 1
+
+
+def _label(model: Classifier, probs: list[float], p_ai: float | None, threshold: float | None) -> str:
+    """The likelier class on the side of the threshold p_ai falls: "human" below
+    it, the likelier AI class at or above it (argmax without a threshold)."""
+    order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)
+    if p_ai is None or threshold is None:
+        return model.labels[order[0]]
+    h = model.human_index
+    return model.labels[h] if p_ai < threshold else model.labels[next(i for i in order if i != h)]
 
 
 def _crop_p_ai(model: Classifier, out):

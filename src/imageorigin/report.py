@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 from .data import describe_preprocessing  # noqa: E402
 from .fileio import atomic_path, write_text  # noqa: E402
 from .images import ImageDecodeError, decode_image  # noqa: E402
+from .verdict import BANDS, WORDS  # noqa: E402
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
@@ -89,35 +90,56 @@ def confusion_plot(cm: Sequence[Sequence[int]], labels: Sequence[str], path, tit
     return _save(fig, path)
 
 
-def gallery(model, paths, y_true: np.ndarray, probs: np.ndarray, path, per_class: int = 4,
-            seed: int = 0) -> Path:
-    """Sample predictions: image, true and predicted label, probability (the card's
-    "Model Output Samples").  Per true class, mistakes are shown first, then hits."""
-    rng = np.random.default_rng(seed)
-    y_pred = probs.argmax(1)
-    chosen = []
-    for c in range(len(model.labels)):
-        idx = np.flatnonzero(y_true == c)
-        rng.shuffle(idx)
-        wrong = [i for i in idx if y_pred[i] != c][: per_class // 2]
-        right = [i for i in idx if y_pred[i] == c][: per_class - len(wrong)]
-        chosen.extend(wrong + right)
-    cols = per_class
-    rows = max(1, int(np.ceil(len(chosen) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows), squeeze=False)
+def _tiles(tiles: list[tuple], path, title: str, cols: int = 4) -> Path:
+    """A grid of thumbnails: ``tiles`` are (image path or PIL image, caption, colour)."""
+    rows = max(1, int(np.ceil(len(tiles) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.5 * cols, 2.9 * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, chosen):
-        thumb = _thumb(paths[i])
+    for ax, (image, caption, colour) in zip(axes.flat, tiles):
+        thumb = _thumb(image)
         if thumb is not None:
             ax.imshow(thumb)
-        hit = y_pred[i] == y_true[i]
-        ax.set_title(
-            f"true: {model.labels[y_true[i]]}\npred: {model.labels[y_pred[i]]} ({probs[i, y_pred[i]]:.2f})",
-            fontsize=8, color="green" if hit else "red",
-        )
-    fig.suptitle("Sample predictions (red = wrong)")
+        ax.set_title(caption, fontsize=8, color=colour)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def gallery(model, paths, y_true: np.ndarray, probs: np.ndarray, path, per_class: int = 4,
+            seed: int = 0) -> Path:
+    """Sample predictions on labelled images (the card's "Model Output Samples"):
+    ``per_class`` images drawn at random from each true class, right or wrong
+    alike, so the share of red tiles is the sample's error rate."""
+    rng = np.random.default_rng(seed)
+    y_pred = probs.argmax(1)
+    tiles, hits = [], 0
+    for c in range(len(model.labels)):
+        idx = np.flatnonzero(y_true == c)
+        for i in rng.permutation(idx)[:per_class]:
+            hit = y_pred[i] == c
+            hits += hit
+            tiles.append((paths[i], f"true: {model.labels[c]}\nsaid: {model.labels[y_pred[i]]}, "
+                          f"p = {probs[i, y_pred[i]]:.2f}", "green" if hit else "red"))
+    return _tiles(tiles, path, f"{per_class} random images per true class: {hits} of {len(tiles)} right "
+                  "(green right, red wrong; p = the model's probability of what it said)", per_class)
+
+
+def prediction_gallery(preds, path, per_row: int = 4) -> Path:
+    """Thumbnails of predicted images with their verdict and p_ai (``predict --gallery``)."""
+    colour = {"likely_ai": "red", "likely_human": "green"}
+    tiles = []
+    for p in preds:
+        if p.error:
+            continue
+        name = Path(p.path).name
+        name = name if len(name) <= 28 else name[:25] + "..."
+        words = WORDS.get(p.verdict, p.label)
+        score = f"p_ai = {p.p_ai:.2f}" if p.p_ai is not None else f"p = {max(p.probs.values()):.2f}"
+        tiles.append((p.path, f"{name}\n{words}, {score}" + (" (caveat)" if p.caveats else ""),
+                      colour.get(p.verdict, "darkorange")))
+    return _tiles(tiles, path, "Verdicts (red likely AI, orange uncertain, green likely human; "
+                  "p_ai = probability of AI)", per_row)
 
 
 # ---------------------------------------------------------------- evaluation report
@@ -192,13 +214,12 @@ def reliability_plot(result: dict, path) -> Path:
         lo = np.array([b["lo"] for b in bins])
         width = bins[0]["hi"] - bins[0]["lo"]
         full = [b for b in bins if b["count"]]
-        acc = np.array([b["accuracy"] for b in full])
-        conf = np.array([b["confidence"] for b in full])
-        top.bar([b["lo"] for b in full], acc, width=width, align="edge", edgecolor="black",
+        left = np.array([b["lo"] for b in full])
+        top.bar(left, [b["accuracy"] for b in full], width=width, align="edge", edgecolor="black",
                 alpha=0.8, label="observed")
-        # The gap from what was observed to what the model claimed (the bin's mean confidence).
-        top.bar([b["lo"] for b in full], conf - acc, bottom=acc, width=width, align="edge",
-                color="red", alpha=0.3, hatch="//", edgecolor="red", label="gap to mean confidence")
+        # What the model claimed, drawn as a line across each bin so the observed bar stays whole.
+        top.hlines([b["confidence"] for b in full], left, left + width, color="red", lw=2.5,
+                   label="mean confidence in the bin")
         top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
         top.set_xlim(0, 1)
         top.set_ylim(0, 1)
@@ -215,46 +236,52 @@ def reliability_plot(result: dict, path) -> Path:
 
 
 def robustness_plot(rows: list[dict], path) -> Path:
-    """Accuracy and AI-vs-human AUC under each perturbation, against the clean figures."""
+    """Accuracy, AI-vs-human AUC and human images flagged under each perturbation,
+    as grouped bars (the perturbations are separate cases, not a sequence)."""
     names = [setting_name(r) for r in rows]
     x = np.arange(len(rows))
     series = [("accuracy", "3-class accuracy"), ("ai_vs_human_auc", "AI-vs-human AUC")]
     if any(r.get("human_flagged_rate") is not None for r in rows):
         series.append(("human_flagged_rate", "human images flagged (stored threshold)"))
+    width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(rows) + 2), 4.8))
-    for key, label in series:
+    for k, (key, label) in enumerate(series):
         vals = [np.nan if r.get(key) is None else r[key] for r in rows]
-        line, = ax.plot(x, vals, "o-", label=label)
+        bars = ax.bar(x + (k - (len(series) - 1) / 2) * width, vals, width, label=label)
         if not np.isnan(vals[0]):
-            ax.axhline(vals[0], ls=":", color=line.get_color(), alpha=0.7)
+            ax.axhline(vals[0], ls=":", color=bars.patches[0].get_facecolor(), alpha=0.9)
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylim(0, 1.02)
-    ax.set_ylabel("value (dotted: clean)")
-    ax.set_title("Robustness: figures on perturbed copies of the images")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.set_ylabel("value (dotted: on the clean images)")
+    ax.set_title("Robustness: figures on perturbed copies of the images", pad=30)
+    ax.grid(axis="y", alpha=0.3)
+    # Above the plot: inside it, the legend would cover the bars.
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(series), fontsize=8, frameon=False)
     return _save(fig, path)
 
 
 def per_source_plot(per_source: dict, path) -> Path:
-    """Horizontal bars per source: 3-class accuracy, and the AUC of its AI images
-    against all human images."""
+    """Per source: 3-class accuracy (left), and the AUC of its AI images against
+    all human images (right), each with its own chance level."""
     names = list(per_source)
     y = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.5))
-    acc = [per_source[n]["accuracy"] for n in names]
-    auc = [np.nan if per_source[n]["auc_vs_all_human"] is None else per_source[n]["auc_vs_all_human"]
-           for n in names]
-    ax.barh(y - 0.2, acc, height=0.4, label="3-class accuracy")
-    ax.barh(y + 0.2, auc, height=0.4, label="AUC vs all human images (AI sources)")
-    ax.set_yticks(y, [f"{n} ({per_source[n]['label']}, n={per_source[n]['n']})" for n in names],
-                  fontsize=8)
-    ax.invert_yaxis()
-    ax.axvline(0.5, ls=":", color="grey")
-    ax.set_xlim(0, 1)
-    ax.set_title("Per source (dotted: chance AUC)")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="upper center", fontsize=8, bbox_to_anchor=(0.5, -0.04), ncol=2)
+    n_classes = len({v["label"] for v in per_source.values()}) or 3
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.42 * len(names) + 1.8), sharey=True,
+                                      layout="constrained")
+    left.barh(y, [per_source[n]["accuracy"] for n in names], color="tab:blue")
+    left.axvline(1 / n_classes, ls=":", color="grey", label=f"chance (1/{n_classes})")
+    left.set_title("3-class accuracy")
+    right.barh(y, [np.nan if per_source[n]["auc_vs_all_human"] is None else per_source[n]["auc_vs_all_human"]
+                   for n in names], color="tab:orange")
+    right.axvline(0.5, ls=":", color="grey", label="chance (0.5)")
+    right.set_title("AUC of its AI images vs all human images")
+    left.set_yticks(y, [f"{n} ({per_source[n]['label']}, n={per_source[n]['n']})" for n in names], fontsize=8)
+    left.invert_yaxis()
+    for ax in (left, right):
+        ax.set_xlim(0, 1)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle("Per source (human sources have no AUC of their own)")
     return _save(fig, path)
 
 
@@ -320,6 +347,11 @@ def write_evaluation_report(result: dict, out_dir: str | os.PathLike,
         head.append(("mean over AI sources of AUC vs all human images",
                      _num(result.get("mean_auc_vs_human"))))
     lines += _table(["measure", "value"], head)
+    verdicts = result.get("verdicts")
+    if verdicts:
+        lines += ["", "What a user reads, caveats included (share of the images in each verdict band):", ""]
+        lines += _table(["images", *[WORDS[b] for b in BANDS]],
+                        [[kind, *[f"{v[b]:.1%}" for b in BANDS]] for kind, v in verdicts.items()])
     lines += [
         "",
         "AUC, AP and TPR at a fixed FPR are threshold-free ranking figures: the TPR at 1% / 5% "
@@ -381,11 +413,63 @@ def write_evaluation_report(result: dict, out_dir: str | os.PathLike,
     if has_curves:
         lines += ["## ROC and precision-recall curves", "",
                   "![ROC curve](roc.png)", "", "![Precision-recall curve](pr.png)", ""]
-    lines += ["## Sample predictions", "", "![Sample predictions](gallery.png)", "",
-              "## Unreadable files", ""]
+    if (out / "gallery.png").is_file():
+        lines += ["## Sample predictions", "", "![Sample predictions](gallery.png)", ""]
+    lines += ["## Unreadable files", ""]
     lines += [f"- {e}" for e in result["errors"]] or ["None."]
     lines += ["", "Every figure: `metrics.json`; every image's prediction: `predictions.csv`.", ""]
     return write_text(out / "report.md", "\n".join(lines))
+
+
+def _limitations(model, evaluation: dict | None) -> list[str]:
+    """The card's limitations, from this run's own data and measured figures."""
+    info, t = model.info, model.info.get("training", {})
+    sources = info.get("sources") or {}
+    lines = [f"- **Small data**: {w}." for w in info.get("warnings", [])]
+    if sources:
+        per_class: dict[str, list[str]] = {}
+        for name, v in sorted(sources.items(), key=lambda kv: -kv[1]["n"]):
+            per_class.setdefault(v["label"], []).append(f"{name} ({v['n']})")
+        lines.append("- **What it has seen**: " + "; ".join(
+            f"{label}: {len(names)} source{'s' * (len(names) != 1)} ({', '.join(names[:4])}"
+            f"{', ...' if len(names) > 4 else ''})" for label, names in per_class.items())
+            + ". Sources, generators and kinds of image not listed here are unseen: expect less.")
+    else:
+        lines.append("- **What it has seen**: unknown (no manifest was given): the training folders "
+                     f"`{t.get('data_dir')}` only. Images unlike them are unseen: expect less.")
+    counts = t.get("train_counts") or {}
+    if counts and max(counts.values()) > 2 * max(1, min(counts.values())):
+        lines.append("- **Class balance**: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+                     + " training images; the smaller classes are learnt less well.")
+    if evaluation and evaluation.get("ai_detected_rate") is not None:
+        lines.append(
+            f"- **Misses and false flags, measured**: on the validation data, at the stored "
+            f"threshold, {1 - evaluation['ai_detected_rate']:.1%} of AI images were not flagged and "
+            f"{evaluation['human_flagged_rate']:.1%} of human images were.")
+    lines += [
+        "- **Validation is not the world**: accuracy on data from the same sources as training "
+        "says little about images from generators or sources the model never saw; "
+        "leave-one-source-out (`imageorigin crossval`) is the honest estimate.",
+        "- **Threshold transfer**: the stored threshold holds its false-flag rate only on images "
+        "like the calibration data; on new sources rankings (AUC) transfer better than any "
+        "fixed threshold.",
+    ]
+    return lines
+
+
+def _samples(folder: Path) -> list[str]:
+    """The card's sample pictures, where the run drew them (``train --no-samples`` does not)."""
+    lines = []
+    if (folder / "collage.png").is_file():
+        lines += ["## **Sample Dataset**", "![Sample Dataset](collage.png)",
+                  "One row per class, drawn from the training data.", "---"]
+    lines.append("## **Model Output Samples**")
+    if (folder / "val" / "gallery.png").is_file():
+        lines += ["![Model Output Samples](val/gallery.png)",
+                  "Random validation images, the same number per true class; green right, red wrong.", ""]
+    else:
+        lines += ["(Sample pictures were not drawn for this card: `--no-samples`.)", ""]
+    return lines
 
 
 def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = None) -> Path:
@@ -452,7 +536,13 @@ def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = N
         f"- **Accuracy**: **{m.get('val_accuracy', float('nan')):.1%}** on the validation data "
         f"({counts(t.get('val_counts'))}).",
         f"- **Loss**: **{m.get('val_loss', float('nan')):.4f}** validation, "
-        f"{m.get('train_loss', float('nan')):.4f} training, after {m.get('epochs')} epochs.",
+        f"{m.get('train_loss', float('nan')):.4f} training"
+        + (f", at epoch {m['best_epoch']} of {m.get('epochs')}: the epoch with the best validation "
+           "accuracy is the one kept." if m.get("best_epoch") else f", after {m.get('epochs')} epochs."),
+        f"- **Human class**: `{model.human_label}` (p_ai = 1 - p({model.human_label}))."
+        if model.human_label else
+        "- **Human class**: none (no class is named as made by people: no p_ai, threshold or "
+        "verdict; train with `--human-class NAME`).",
         per_class,
         "---",
         "## **Training Details**",
@@ -487,14 +577,7 @@ def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = N
         "### **2. Accuracy Over Epochs**",
         "![Accuracy Over Epochs](accuracy.png)",
         "---",
-        "## **Sample Dataset**",
-        "![Sample Dataset](collage.png)",
-        "One row per class, drawn from the training data.",
-        "---",
-        "## **Model Output Samples**",
-        "![Model Output Samples](val/gallery.png)",
-        "Predictions on validation images; red titles are mistakes.",
-        "",
+        *_samples(Path(path).parent),
         "![Confusion matrix](val/confusion_matrix.png)",
         "---",
         "## **Model Architecture**",
@@ -506,15 +589,7 @@ def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = N
         f"class ({', '.join(names)}).",
         "---",
         "## **Limitations**",
-        "- **Validation is not the world**: accuracy on data from the same sources as training "
-        "says little about images from generators or sources the model never saw.",
-        "- **Content and style bias**: in the DH3 bench most human images are photographs, clip "
-        "art or game paintings and most AI images are art-style renders; a frozen ImageNet "
-        "backbone reads content and style, so the model may learn those instead of traces of "
-        "generation.",
-        "- **Threshold transfer**: the stored threshold holds its false-positive rate only on "
-        "images like the calibration data; on new sources rankings (AUC) transfer better than "
-        "any fixed threshold.",
+        *_limitations(model, evaluation),
         "---",
         "## **Model Download**",
         "`model.safetensors` in this folder: an imageorigin checkpoint (safetensors + JSON "

@@ -31,7 +31,6 @@ from .data import (
     batches,
     default_preprocessing,
     loader,
-    min_decode_size,
     match_manifest,
     read_manifest,
     scan_folders,
@@ -44,6 +43,7 @@ from .fileio import write_json
 from .model import Classifier, save
 from .model import load as load_model
 from .runtime import device
+from .verdict import fit_bands
 
 Folders = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], LabelledFolder]
 
@@ -65,6 +65,9 @@ class TrainConfig:
     calibration_fraction: float = 0.15  # of the training data, for temperature and threshold
     target_fpr: float = 0.05  # share of human images the stored threshold may flag
     seed: int = 0
+    # The class whose images are made by people: p_ai = 1 - p(human_class).
+    # A model with no such class gives class probabilities only.
+    human_class: str = "human"
     flip: bool = True
     rotation: float = 15.0  # degrees
     color_jitter: float = 0.2  # brightness / contrast / saturation strength
@@ -88,6 +91,9 @@ class TrainConfig:
     # and train the head on them.  False: the straightforward loop.  One view
     # is as accurate as 2 or 4 or the straightforward loop for the seed's
     # recipe (resized/val over seeds 0-2, README) and the fastest.
+    # Draw the collage and gallery of training / validation images (off for a
+    # card published where the images may not be copied).
+    samples: bool = True
     feature_cache: bool = True
     views: int = 1
     cache_dir: str | None = None
@@ -110,6 +116,7 @@ def train(
     Returns the trained, calibrated model (also saved as ``out_dir/model.safetensors``).
     """
     cfg = config or TrainConfig()
+    began = time.perf_counter()
     out = Path(out_dir)
     torch.manual_seed(cfg.seed)
     start = _warm_start(cfg.init) if cfg.init else None
@@ -130,6 +137,9 @@ def train(
         train_set, calib_set = stratified_split(train_set, cfg.calibration_fraction, cfg.seed)
 
     model = start or _new_model(cfg, pool.classes)
+    notes = _data_warnings(model, cfg, train_set, val_set, calib_set)
+    for note in notes:
+        print(f"imageorigin: warning: {note}", file=sys.stderr)
     dev = device()
     model.to(dev)
     model.frozen = not cfg.finetune
@@ -141,7 +151,8 @@ def train(
                "random_crop": cfg.train_crop}
     cached = cfg.feature_cache and not cfg.finetune
     out.mkdir(parents=True, exist_ok=True)
-    report.collage(train_set, out / "collage.png")
+    if cfg.samples:
+        report.collage(train_set, out / "collage.png")
     if cached:
         # The frozen backbone's features of K augmented views of each image,
         # computed once (or read from the cache); each epoch draws one view per image.
@@ -153,7 +164,7 @@ def train(
     else:
         train_dl = loader(
             ImageDataset([p for p, _ in train_set.samples], train_transform(model.preprocessing, augment),
-                         [y for _, y in train_set.samples], min_size=min_decode_size(model.preprocessing)),
+                         [y for _, y in train_set.samples]),
             cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed,
         )
         epoch_batches = lambda epoch: _image_batches(model, train_dl, cfg.finetune)  # noqa: E731
@@ -171,19 +182,24 @@ def train(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     history: list[dict] = []
+    best: dict | None = None  # the epoch kept: best validation accuracy, then lowest loss
+    best_state: dict | None = None
     skipped: set[str] = set()
     started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()  # a frozen backbone stays in eval mode (see Classifier.train)
         total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(epoch_batches(epoch), total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+        # A bar advanced by hand after each step: one wrapped around the batches
+        # shows its count only at its refresh interval, so short runs sat at "0/2".
+        bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                    disable=not progress, leave=False)
-        for logits, labels, failures in bar:  # (B, C), (B,), unreadable files
+        for logits, labels, failures in epoch_batches(epoch):  # (B, C), (B,), unreadable files
             for err in failures:
                 if err not in skipped:
                     tqdm.write(f"imageorigin: skipping unreadable training image: {err}", file=sys.stderr)
                     skipped.add(err)
             if logits is None:
+                bar.update(1)
                 continue
             loss = loss_fn(logits, labels)
             optimizer.zero_grad()
@@ -194,7 +210,9 @@ def train(
             total_loss += loss.item() * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
+            bar.update(1)
+        bar.close()
         logits, y = val_logits()
         row = {
             "epoch": epoch,
@@ -205,14 +223,26 @@ def train(
             "seconds": round(time.perf_counter() - started, 1),
         }
         history.append(row)
+        improved = best is None or (row["val_accuracy"], -row["val_loss"]) > \
+            (best["val_accuracy"], -best["val_loss"])
         tqdm.write(f"epoch {epoch:>2}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
                    f"acc {row['train_accuracy']:.3f}  val loss {row['val_loss']:.4f} "
-                   f"acc {row['val_accuracy']:.3f}", file=sys.stderr)
-        model.info = _info(cfg, train_set, val_set, val is not None, calib_set, history,
-                           sorted(skipped), features.stats if cached else None)
-        # Saved every epoch, atomically: an interrupted run keeps its last full epoch.
-        save(model, out / "model.safetensors")
+                   f"acc {row['val_accuracy']:.3f}" + ("  (best so far: kept)" if improved else ""),
+                   file=sys.stderr)
+        if improved:
+            best = row
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.info = _info(cfg, train_set, val_set, val is not None, calib_set, history, best,
+                               sorted(skipped), features.stats if cached else None, notes)
+            # Saved atomically whenever validation improves: an interrupted run
+            # keeps its best full epoch so far.
+            save(model, out / "model.safetensors")
         write_json(out / "history.json", history)
+
+    if best_state is not None:  # the kept epoch, not the last one
+        model.load_state_dict(best_state)
+        model.info = _info(cfg, train_set, val_set, val is not None, calib_set, history, best,
+                           sorted(skipped), features.stats if cached else None, notes)
 
     if manifest is not None:
         model.info["sources"] = _sources(pool, manifest)
@@ -222,12 +252,15 @@ def train(
             "temperature": model.temperature, "threshold": model.threshold,
             "target_fpr": cfg.target_fpr, "counts": calib_set.counts(),
         }
-        save(model, out / "model.safetensors")
+    # The whole run: data scan, feature extraction, epochs and calibration.
+    model.info["training"]["wall_seconds"] = round(time.perf_counter() - began, 1)
+    save(model, out / "model.safetensors")
     report.training_plots(history, out)
     # The card's figures come from the same evaluation a user runs with
     # `imageorigin evaluate`, on the validation data, with the stored threshold.
     evaluation = evaluate(model, val_set, out / "val", batch_size=cfg.batch_size,
-                          num_workers=cfg.num_workers, progress=progress, robustness=False)
+                          num_workers=cfg.num_workers, progress=progress, robustness=False,
+                          samples=cfg.samples)
     report.write_model_card(model, out / "MODEL_CARD.md", evaluation)
     return model.eval()
 
@@ -236,7 +269,7 @@ def _warm_start(path: str) -> Classifier:
     """The checkpoint a run starts from: its backbone, head, labels and preprocessing
     (its temperature, threshold and metrics are fitted again)."""
     model = load_model(path)
-    model.temperature, model.threshold, model.inference_precision = 1.0, None, "fp32"
+    model.temperature, model.threshold, model.bands, model.inference_precision = 1.0, None, None, "fp32"
     return model
 
 
@@ -247,6 +280,7 @@ def _new_model(cfg: TrainConfig, classes: list[str]) -> Classifier:
         backbones.build_backbone(cfg.backbone, cfg.weights),
         classes,
         backbone_weights="imagenet" if cfg.weights == "imagenet" else str(cfg.weights),
+        human_label=cfg.human_class,
         preprocessing=default_preprocessing(spec.mean, spec.std, cfg.image_size, cfg.native, cfg.crops),
     )
 
@@ -285,7 +319,7 @@ class _FeatureSource:
     def _extract(self, folder: LabelledFolder, transform, names: list[str], desc: str):
         cfg = self.cfg
         v = features.extract([p for p, _ in folder.samples], self.engine, transform, names,
-                             self.context, seed=cfg.seed, min_size=min_decode_size(self.model.preprocessing),
+                             self.context, seed=cfg.seed,
                              batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                              progress=self.progress, desc=desc)
         self.stats["vectors_cached"] += v.cached
@@ -383,13 +417,14 @@ def _calibrate(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, prog
         _, p_ai = model.scores(logits)
         is_human = y.cpu().numpy() == model.human_index
         model.threshold = choose_threshold(p_ai.numpy(), is_human, cfg.target_fpr)
+        if not is_human.all():
+            model.bands = fit_bands(p_ai.numpy(), is_human, model.threshold)
         # Other operating points, for a moderator who wants fewer false accusations.
         model.info["thresholds_at_fpr"] = {
             str(f): choose_threshold(p_ai.numpy(), is_human, f) for f in (0.01, 0.02, 0.05, 0.1)}
     # bf16 doubles CPU speed, but only some models give the fp32 answers in it.
     images = torch.cat([x for _, x, _, _ in batches(
-        ImageDataset([p for p, _ in folder.samples[:256]], model.transform,
-                     min_size=min_decode_size(model.preprocessing)),
+        ImageDataset([p for p, _ in folder.samples[:256]], model.transform),
         cfg.batch_size) if x is not None])
     check = check_precision(model, images)
     model.inference_precision = check["precision"]
@@ -408,8 +443,50 @@ def _sources(folder: LabelledFolder, manifest) -> dict:
     return out
 
 
-def _info(cfg, train_set, val_set, val_given, calib_set, history, skipped, cache_stats) -> dict:
-    last = history[-1]
+# Below these counts a figure means little; training warns and the card says so.
+MIN_TRAIN_PER_CLASS = 50
+MIN_VAL_IMAGES = 100
+MIN_VAL_PER_CLASS = 20
+MIN_CALIBRATION_HUMAN = 100  # the 1% cut needs at least 100 human images to exist at all
+MIN_CALIBRATION_AI = 20
+
+
+def _data_warnings(model: Classifier, cfg: TrainConfig, train_set: LabelledFolder,
+                   val_set: LabelledFolder, calib_set: LabelledFolder | None) -> list[str]:
+    """Sentences naming each part of the data too small for its figures to mean much."""
+    notes = []
+    if model.human_label is None:
+        notes.append(f"no class is named {cfg.human_class!r} (classes: {', '.join(model.labels)}): "
+                     "this model gives class probabilities only, no p_ai, threshold or verdict; "
+                     "name the class of human-made images with --human-class NAME")
+    small = {k: v for k, v in train_set.counts().items() if v < MIN_TRAIN_PER_CLASS}
+    if small:
+        notes.append("few training images in " + ", ".join(f"{k} ({v})" for k, v in small.items())
+                     + f": under {MIN_TRAIN_PER_CLASS} a class is barely learnt")
+    val_counts = val_set.counts()
+    if len(val_set.samples) < MIN_VAL_IMAGES or min(val_counts.values(), default=0) < MIN_VAL_PER_CLASS:
+        notes.append(f"the validation set is small ({', '.join(f'{k} {v}' for k, v in val_counts.items())}): "
+                     f"its accuracy can be off by {_margin(len(val_set.samples)):.0%} or more either way")
+    if calib_set is not None and model.human_label is not None:
+        c = calib_set.counts()
+        humans = c.get(model.human_label, 0)
+        if humans < max(MIN_CALIBRATION_HUMAN, 1 / cfg.target_fpr):
+            notes.append(f"the threshold is fitted on only {humans} human images: a "
+                         f"{cfg.target_fpr:.0%} false-flag rate cannot be measured on fewer than "
+                         f"{int(max(MIN_CALIBRATION_HUMAN, 1 / cfg.target_fpr))}")
+        ai = sum(v for k, v in c.items() if k != model.human_label)
+        if ai < MIN_CALIBRATION_AI:
+            notes.append(f"the verdict bands are fitted on only {ai} AI images")
+    return notes
+
+
+def _margin(n: int) -> float:
+    """Half-width of a 95% interval for an accuracy near 0.5 measured on n images."""
+    return 1.96 * (0.25 / max(n, 1)) ** 0.5
+
+
+def _info(cfg, train_set, val_set, val_given, calib_set, history, best, skipped, cache_stats,
+          notes) -> dict:
     roots = sorted({str(Path(p).parent.parent) for p, _ in train_set.samples})
     return {
         "training": {
@@ -425,14 +502,16 @@ def _info(cfg, train_set, val_set, val_given, calib_set, history, skipped, cache
             "calibration_counts": None if calib_set is None else calib_set.counts(),
             "skipped_files": skipped,
             "feature_cache": cache_stats,
-            "wall_seconds": last["seconds"],
+            "wall_seconds": history[-1]["seconds"],
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         },
         "metrics": {
-            "epochs": last["epoch"],
-            "train_loss": last["train_loss"],
-            "train_accuracy": last["train_accuracy"],
-            "val_loss": last["val_loss"],
-            "val_accuracy": last["val_accuracy"],
+            "epochs": history[-1]["epoch"],
+            "best_epoch": best["epoch"],
+            "train_loss": best["train_loss"],
+            "train_accuracy": best["train_accuracy"],
+            "val_loss": best["val_loss"],
+            "val_accuracy": best["val_accuracy"],
         },
+        "warnings": notes,
     }

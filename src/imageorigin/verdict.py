@@ -1,0 +1,115 @@
+"""The verdict a person reads: a band, and caveats where the model is unreliable.
+
+A p_ai alone misleads: 0.80 on a photograph and 0.80 on a screenshot of a
+chat are not the same evidence.  So every prediction carries
+
+- ``verdict``: one of :data:`BANDS`.  "likely_ai" at or above the stored
+  threshold (the calibration split's 1% false-flag cut for the default),
+  "likely_human" at or below a lower cut chosen on the same calibration data
+  (at most 5% of its AI images fall below it), "uncertain" between them;
+- ``caveats``: plain sentences naming what makes this image out of the model's
+  scope (:func:`image_caveats`).  An image with a caveat is never called
+  "likely_ai" or "likely_human": its band becomes "uncertain".
+
+The cut-points travel in the checkpoint (``bands``), so the CLI, the service
+and every other caller give the same verdict.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+BANDS = ("likely_ai", "uncertain", "likely_human")
+WORDS = {"likely_ai": "likely AI", "uncertain": "uncertain", "likely_human": "likely human"}
+AI_MISSED = 0.05  # share of calibration AI images the "likely human" band may hold
+
+# Screenshot / flat-graphics detector (see :func:`image_stats`).  Tuned on the
+# `tuning` screenshots of benchmarks/screenshots.py and dh3 *train* images,
+# measured on the unrelated `testing` screenshots and dh3 *val*
+# (benchmarks/caveats.py, docs/caveats.md).
+FLAT_SHARE = 0.45  # share of pixels in exactly flat 8x8 blocks
+# Blur / upscale detector: the share of the image's detail energy in its finest
+# scale; a photo, drawing or render keeps some, a blurred or upscaled image none.
+FINE_DETAIL = 0.18
+STATS_SIDE = 768  # stats are computed on at most this much of the centre (cost)
+
+
+def fit_bands(p_ai: np.ndarray, is_human: np.ndarray, threshold: float,
+              ai_missed: float = AI_MISSED) -> dict:
+    """The verdict cut-points from held-out calibration scores.
+
+    p_ai: (N,) scores; is_human: (N,) bool.  "likely_ai" from ``threshold`` up;
+    "likely_human" at or below the highest cut that leaves at most ``ai_missed``
+    of the AI images in that band (never above the threshold).
+    """
+    ai = np.sort(np.asarray(p_ai, dtype=np.float64)[~np.asarray(is_human, bool)])
+    if len(ai) == 0:
+        raise ValueError("choosing verdict bands needs held-out AI images")
+    allowed = int(np.floor(ai_missed * len(ai)))  # AI images "likely human" may hold
+    cut = float(np.nextafter(ai[0], -np.inf)) if allowed == 0 else float((ai[allowed - 1] + ai[allowed]) / 2)
+    return {"likely_ai": float(threshold), "likely_human": float(min(cut, threshold)),
+            "ai_missed": ai_missed}
+
+
+def band(p_ai: float | None, bands: dict | None, threshold: float | None, caveats: list[str]) -> str | None:
+    """The band of one score; None without a score or a threshold.  ``threshold``
+    (the stored one, or the user's override) is where "likely_ai" starts."""
+    if p_ai is None or threshold is None:
+        return None
+    if caveats:
+        return "uncertain"
+    if p_ai >= threshold:
+        return "likely_ai"
+    low = None if bands is None else bands.get("likely_human")
+    if low is None or p_ai <= min(low, threshold):
+        return "likely_human"
+    return "uncertain"
+
+
+def image_stats(image: Image.Image) -> dict:
+    """Cheap statistics of a decoded image (at most STATS_SIDE px of its centre):
+    ``flat``, the share of pixels in 8x8 blocks with no variation at all (UI
+    panels, documents, flat graphics; photos and renders have almost none), and
+    ``fine``, the share of the detail energy in the finest scale (low: blurred or
+    upscaled).  Returns both in [0, 1]."""
+    w, h = image.size
+    left, top = max(0, (w - STATS_SIDE) // 2), max(0, (h - STATS_SIDE) // 2)
+    g = np.asarray(image.crop((left, top, left + min(w, STATS_SIDE), top + min(h, STATS_SIDE)))
+                   .convert("L"), dtype=np.float32)  # (H, W)
+    bh, bw = g.shape[0] // 8, g.shape[1] // 8
+    if bh == 0 or bw == 0:
+        return {"flat": 0.0, "fine": 1.0}
+    blocks = g[: bh * 8, : bw * 8].reshape(bh, 8, bw, 8)
+    spread = blocks.max(axis=(1, 3)) - blocks.min(axis=(1, 3))  # (bh, bw)
+    flat = float((spread <= 1).mean())
+    # Detail energy at scale 1 (x - blur1) against all detail (x - blur4),
+    # over the blocks that are not flat (flat areas have no detail to lose).
+    fine = np.abs(g - ndimage.gaussian_filter(g, 1.0))
+    all_ = np.abs(g - ndimage.gaussian_filter(g, 4.0))
+    mask = np.repeat(np.repeat(spread > 1, 8, 0), 8, 1)
+    fine_sum, all_sum = fine[: bh * 8, : bw * 8][mask].sum(), all_[: bh * 8, : bw * 8][mask].sum()
+    return {"flat": flat, "fine": float(fine_sum / all_sum) if all_sum > 0 else 1.0}
+
+
+def image_caveats(image: Image.Image, crop: int) -> list[str]:
+    """Sentences naming why the model is unreliable on this image (empty if none).
+
+    ``crop``: the model's crop side; smaller images are upscaled to score.
+    Each sentence starts with a short tag ("small image", "screenshot or flat
+    graphics", "blurred or upscaled") followed by a colon.
+    """
+    out = []
+    w, h = image.size
+    if min(w, h) < crop:
+        out.append(f"small image: {w}x{h} px is smaller than the model's {crop} px crop, "
+                   "so it was upscaled and the pixel traces the model reads are gone")
+    stats = image_stats(image)
+    if stats["flat"] >= FLAT_SHARE:
+        out.append(f"screenshot or flat graphics: {stats['flat']:.0%} of it is flat colour (a screen, "
+                   "a document, clip art); the model was not made for such images")
+    elif stats["fine"] < FINE_DETAIL:
+        out.append("blurred or upscaled: the finest detail is missing, and with it the traces the "
+                   "model reads")
+    return out
