@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", metavar="FILE", help="write here instead of standard output")
     r.add_argument("--gallery", metavar="OUT.png",
                    help=f"also draw the first {GALLERY_MAX} images with their verdicts into this picture")
+    r.add_argument("--evidence", action="store_true",
+                   help="also read each file's provenance metadata (C2PA, generator text, XMP, EXIF): "
+                        "a provenance column, and the details in JSON lines")
     r.add_argument("--threshold", type=float, default=None, metavar="P",
                    help="call an image AI from p_ai >= P (default: the threshold stored in the model)")
     r.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
@@ -272,13 +275,13 @@ def _predict(args) -> int:
         print(f"imageorigin: {len(files)} images, engine {engine}", file=sys.stderr)
     preds = predict(model, files, batch_size=args.batch_size, num_workers=args.num_workers,
                     progress=not args.quiet and sys.stderr.isatty(), engine=args.engine,
-                    precision=args.precision, threshold=args.threshold)
+                    precision=args.precision, threshold=args.threshold, evidence=args.evidence)
     counts = dict.fromkeys(("likely_ai", "uncertain", "likely_human", "error"), 0)
     shown = []
     with _output(args.out) as out:
         if args.format == "table":
             out.write(_header(model, args.threshold) + "\n")
-        for p in _write(preds, model.labels, args.format, out):
+        for p in _write(preds, model.labels, args.format, out, args.evidence):
             key = "error" if p.error else p.verdict
             counts[key] = counts.get(key, 0) + 1
             if args.gallery and len(shown) < GALLERY_MAX and not p.error:
@@ -321,23 +324,27 @@ def _output(path: str | None):
         yield f
 
 
-def _write(preds: Iterable[Prediction], labels: list[str], fmt: str, out: TextIO):
+def _write(preds: Iterable[Prediction], labels: list[str], fmt: str, out: TextIO, evidence: bool = False):
     """Write predictions as they come (csv, jsonl) or aligned at the end (table); yield each."""
-    columns = list(Prediction("").row(labels))
+    columns = list(Prediction("", provenance={"summary": None} if evidence else None).row(labels))
     if fmt == "csv":
         writer = csv.DictWriter(out, columns)
         writer.writeheader()
         for p in preds:
-            writer.writerow(p.row(labels))
+            writer.writerow(p.row(labels) if not evidence or p.provenance else
+                            {**p.row(labels), "provenance": None})
             yield p
     elif fmt == "jsonl":
         for p in preds:  # JSON lines carry the patch map too: per-crop p_ai and where each crop lies
-            out.write(json.dumps({**p.row(labels), "caveats": p.caveats, "patches": p.patches}) + "\n")
+            extra = {"provenance": p.provenance} if evidence else {}
+            out.write(json.dumps({**p.row(labels), "caveats": p.caveats, **extra, "patches": p.patches})
+                      + "\n")
             yield p
     else:
         rows = []
         for p in preds:
-            row = p.row(labels)
+            row = {**({"provenance": None} if evidence else {}), **p.row(labels)}
+            row = {c: row.get(c) for c in columns}
             # The table names each caveat by its tag; CSV and JSON lines give the sentences.
             row["caveats"] = "; ".join(c.split(":")[0] for c in p.caveats) or None
             rows.append([_cell(v) for v in row.values()])

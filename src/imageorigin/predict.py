@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from .data import ImageDataset, batches, crop_boxes
 from .engine import cached_engine
+from . import provenance
 from .model import Classifier
 from .verdict import band, image_caveats
 
@@ -42,14 +43,20 @@ class Prediction:
     # width, height) in its pixels, and the crop's own p_ai.  Empty for a
     # single-crop model.
     patches: list[dict] = field(default_factory=list)
+    # With predict(..., evidence=True): what the file's own metadata declares
+    # (see :mod:`imageorigin.provenance`), with its one-word ``summary``.
+    provenance: dict | None = None
 
     def row(self, labels: list[str]) -> dict:
-        """Flat record: path, verdict, label, p_<label> per class, p_ai, is_ai, caveats, error."""
+        """Flat record: path, verdict, label, p_<label> per class, p_ai, is_ai, caveats,
+        provenance (its summary, only with evidence), error."""
         out = {"path": self.path, "verdict": self.verdict, "label": self.label}
         out.update({f"p_{l}": self.probs.get(l) for l in labels})
         out["p_ai"] = self.p_ai
         out["is_ai"] = self.is_ai
         out["caveats"] = "; ".join(self.caveats) or None
+        if self.provenance is not None:
+            out["provenance"] = self.provenance["summary"]
         out["error"] = self.error
         return out
 
@@ -64,6 +71,7 @@ def predict(
     engine: str = "auto",
     precision: str | None = None,
     threshold: float | None = None,
+    evidence: bool = False,
 ) -> Iterator[Prediction]:
     """Classify image files or PIL images; yields one Prediction per item, in order.
 
@@ -78,6 +86,8 @@ def predict(
     ``p_ai`` is ``1 - p(human)`` for models that have a human class; the
     verdict band (:mod:`imageorigin.verdict`) uses ``threshold`` (default: the
     model's stored one) and the checkpoint's bands, and each image's caveats.
+    ``evidence=True`` also reads each file's provenance metadata (C2PA, generator
+    text chunks, XMP, EXIF) into ``Prediction.provenance``, beside p_ai and never in it.
     """
     items = list(items)
     names = [f"<image {i}>" if isinstance(x, Image.Image) else str(x) for i, x in enumerate(items)]
@@ -116,8 +126,21 @@ def predict(
                     )
             bar.update(len(failures) + (0 if images is None else len(images)))
             while next_out in pending:  # batches keep order; this is cheap insurance
-                yield pending.pop(next_out)
+                p = pending.pop(next_out)
+                if evidence and p.error is None and not isinstance(items[next_out], Image.Image):
+                    p.provenance = _evidence(items[next_out], p.verdict)
+                yield p
                 next_out += 1
+
+
+def _evidence(path, verdict: str | None) -> dict:
+    """A file's provenance evidence and its summary against the pixel verdict."""
+    try:
+        with open(path, "rb") as f:
+            ev = provenance.read(f.read())
+    except OSError as err:
+        return {"summary": "none", "evidence": [], "notes": [f"not readable: {err.strerror}"]}
+    return {"summary": provenance.summarise(ev, verdict), **ev}
 
 
 def _label(model: Classifier, probs: list[float], p_ai: float | None, threshold: float | None) -> str:
