@@ -129,6 +129,26 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("out", metavar="OUT", help="OUT.onnx or OUT.pth")
     x.set_defaults(func=_export)
 
+    h = sub.add_parser("explain", help="draw each image's patch map (each crop's p_ai) over it")
+    h.add_argument("model", metavar="MODEL", help="checkpoint path or 'default'")
+    h.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    h.add_argument("--out", required=True, metavar="DIR", help="folder for one overlay PNG per image")
+    h.set_defaults(func=_explain)
+
+    v = sub.add_parser("serve", help="the moderation service: HTTP API and web page")
+    v.add_argument("--model", default="default", metavar="MODEL", help="checkpoint path or 'default'")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (keep 127.0.0.1 unless you "
+                                                      "put an authenticating proxy in front)")
+    v.add_argument("--port", type=int, default=8000, help="port to listen on")
+    for name, kind, what in (("max_request_bytes", int, "largest request body in bytes"),
+                             ("max_files", int, "most images per request"),
+                             ("max_batch", int, "most images in one shared forward pass"),
+                             ("max_wait_ms", float, "longest wait for a batch to fill, in ms"),
+                             ("max_queue", int, "most images waiting; past it: 503 with Retry-After")):
+        v.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help=f"{what} (default: IMAGEORIGIN_{name.upper()} or the built-in limit)")
+    v.set_defaults(func=_serve)
+
     i = sub.add_parser("info", help="print a model's labels, preprocessing, settings and metrics")
     i.add_argument("model", metavar="MODEL", nargs="?", default="default",
                    help="checkpoint, seed .pth, exported .onnx, or 'default'")
@@ -368,6 +388,40 @@ def _export(args) -> int:
     else:
         raise ValueError(f"{args.out}: name the output .onnx (ONNX) or .pth (the seed's layout)")
     print(f"wrote {path}")
+    return 0
+
+
+def _explain(args) -> int:
+    from pathlib import Path
+
+    model = load(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for p in predict(model, args.images):
+        if p.error:
+            print(f"imageorigin: {p.error}", file=sys.stderr)
+            failed += 1
+            continue
+        if not p.patches:
+            print(f"imageorigin: {p.path}: this model scores one crop: no patch map", file=sys.stderr)
+            continue
+        path = report.overlay(p.path, p, out / (Path(p.path).stem + ".overlay.png"))
+        print(f"{p.path}: {p.verdict}, p_ai {p.p_ai:.3f}; wrote {path}")
+    return 1 if failed else 0
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from .service import Limits, create_app
+
+    limits = Limits(**{k: getattr(args, k) for k in ("max_request_bytes", "max_files", "max_batch",
+                                                     "max_wait_ms", "max_queue")
+                       if getattr(args, k) is not None})
+    # One process, one model: uvicorn's own workers would each load it and fight for the cores.
+    uvicorn.run(create_app(args.model, limits), host=args.host, port=args.port, log_level="info",
+                access_log=False)
     return 0
 
 

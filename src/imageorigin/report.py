@@ -9,6 +9,7 @@ from typing import Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -140,6 +141,25 @@ def prediction_gallery(preds, path, per_row: int = 4) -> Path:
                       colour.get(p.verdict, "darkorange")))
     return _tiles(tiles, path, "Verdicts (red likely AI, orange uncertain, green likely human; "
                   "p_ai = probability of AI)", per_row)
+
+
+def overlay(image_path, prediction, path) -> Path:
+    """The image with its patch map drawn over it: each scored crop tinted from
+    green (p_ai 0) to red (p_ai 1), its p_ai written in it; the verdict as title."""
+    image = decode_image(image_path)
+    fig, ax = plt.subplots(figsize=(7, 7 * image.height / max(image.width, 1) + 0.6), layout="constrained")
+    ax.imshow(np.asarray(image))
+    for patch in prediction.patches:
+        x, y, w, h = patch["box"]
+        colour = (patch["p_ai"], 1 - patch["p_ai"], 0.15)
+        ax.add_patch(matplotlib.patches.Rectangle((x, y), w, h, facecolor=(*colour, 0.35),
+                                                  edgecolor=colour, linewidth=1.5))
+        ax.text(x + w / 2, y + h / 2, f"{patch['p_ai']:.2f}", ha="center", va="center", fontsize=8,
+                color="white", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
+    ax.axis("off")
+    ax.set_title(f"{Path(str(image_path)).name}: {WORDS.get(prediction.verdict, prediction.label)}, "
+                 f"p_ai {prediction.p_ai:.2f} (boxes: each crop's own p_ai)", fontsize=9)
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------- evaluation report

@@ -1,0 +1,154 @@
+"""The service under load, against predict on the same images in the same run.
+
+    python benchmarks/serve.py [--clients 16] [--requests 2000] [--out docs/service/serve.json]
+
+Starts `imageorigin serve` (a real uvicorn process on 127.0.0.1), then:
+1. `predict` on the bench images in this process: the baseline images/s;
+2. N concurrent clients, one image per request, `--requests` requests in all:
+   throughput (and its ratio to predict), p50 / p99 latency, the server's peak
+   RSS sampled through the run, and the count of 5xx answers;
+3. the same with a hostile mix (1 in 4 requests: a body over the limit, a
+   decompression bomb, garbage bytes, an empty file): 4xx for those, 0 5xx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+import imageorigin
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    b = "bench-boundary"
+    body = (f"--{b}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{b}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={b}"
+
+
+def _post(url: str, name: str, data: bytes) -> tuple[int, float]:
+    body, kind = _multipart(name, data)
+    req = urllib.request.Request(url + "/v1/analyze", data=body, method="POST", headers={"Content-Type": kind})
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            r.read()
+            status = r.status
+    except urllib.error.HTTPError as err:
+        status = err.code
+    except (urllib.error.URLError, ConnectionError):
+        # The server answered 413 from Content-Length and closed the connection
+        # while this client was still sending the oversized body.
+        status = 0
+    return status, time.perf_counter() - started
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _bomb() -> bytes:
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", (30000).to_bytes(4, "big") * 2 + b"\x08\x00\x00\x00\x00")
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+
+
+def run_load(url, pid, items, clients, requests):
+    rss, done = [], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            rss.append(_rss_mb(pid))
+            time.sleep(0.2)
+
+    threading.Thread(target=sample, daemon=True).start()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        out = list(pool.map(lambda i: _post(url, *items[i % len(items)]), range(requests)))
+    wall = time.perf_counter() - started
+    done.set()
+    lat = np.array([t for _, t in out])
+    codes = [c for c, _ in out]
+    return {"requests": requests, "clients": clients, "wall_s": round(wall, 1),
+            "requests_per_s": round(requests / wall, 1), "p50_ms": round(1000 * np.percentile(lat, 50), 1),
+            "p99_ms": round(1000 * np.percentile(lat, 99), 1),
+            "status": {("closed before the body was sent" if c == 0 else str(c)): codes.count(c)
+                       for c in sorted(set(codes))},
+            "server_5xx": sum(c >= 500 for c in codes),
+            "rss_mb_first_last_peak": [round(rss[0]), round(rss[-1]), round(max(rss))] if rss else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    files = sorted((Path(args.shared) / "dh3-bench/native/val").rglob("*.jpg"))[: args.images]
+    items = [(f.name, f.read_bytes()) for f in files]
+
+    model = imageorigin.load()
+    list(imageorigin.predict(model, files[:32]))  # warm
+    started = time.perf_counter()
+    list(imageorigin.predict(model, files))
+    predict_ips = len(files) / (time.perf_counter() - started)
+    del model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "imageorigin.cli", "serve", "--port", str(port),
+                               "--max-request-bytes", str(8 << 20)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if urllib.request.urlopen(url + "/readyz", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        clean = run_load(url, server.pid, items, args.clients, args.requests)
+        clean["images_per_s_vs_predict"] = round(clean["requests_per_s"] / predict_ips, 2)
+        hostile_items = []
+        for i, item in enumerate(items):
+            hostile_items.append(item)
+            if i % 3 == 0:
+                hostile_items.append([("big.jpg", b"\xff" * (9 << 20)), ("bomb.png", _bomb()),
+                                      ("junk.jpg", os.urandom(5000)), ("empty.png", b"")][(i // 3) % 4])
+        hostile = run_load(url, server.pid, hostile_items, args.clients, args.requests)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+    result = {"predict_images_per_s": round(predict_ips, 1), "clean": clean, "hostile_mix": hostile}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
