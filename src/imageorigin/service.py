@@ -127,7 +127,7 @@ class Batcher:
                 self.waiting -= len(batch)
 
     def _predict(self, images: list[Image.Image]) -> list[Prediction]:
-        return list(predict(self.model, images, batch_size=self.limits.max_batch, num_workers=1))
+        return list(predict(self.model, images, batch_size=self.limits.max_batch))
 
 
 class _BodyLimit:
