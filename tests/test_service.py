@@ -189,6 +189,11 @@ def test_the_page_in_a_real_browser(server, raw, tmp_path):
         page.goto(server + "/")
         page.wait_for_selector("#model p")
         assert "likely AI from p_ai" in page.inner_text("#model")
+        # keyboard: Tab reaches the drop zone, Enter opens the file chooser
+        page.focus("#drop")
+        with page.expect_file_chooser() as chooser:
+            page.keyboard.press("Enter")
+        assert chooser.value.is_multiple()
         page.set_input_files("#picker", [str(FIREFLY), str(photo), str(broken)])
         page.wait_for_selector("text=Done: 3 images analysed.", timeout=60000)
         cards = page.locator("article.card")
