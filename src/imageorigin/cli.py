@@ -129,6 +129,24 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("out", metavar="OUT", help="OUT.onnx or OUT.pth")
     x.set_defaults(func=_export)
 
+    s = sub.add_parser("scan", help="classify a whole archive into a SQLite database, resumably")
+    s.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders (walked lazily)")
+    s.add_argument("--db", required=True, metavar="DB", help="SQLite file (created if missing)")
+    s.add_argument("--model", default="default", metavar="MODEL", help="checkpoint path or 'default'")
+    s.add_argument("--evidence", action="store_true", help="also store each file's provenance summary")
+    s.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    s.add_argument("--commit-every", type=int, default=256,
+                   help="files per transaction: a crash loses at most this many, redone by a re-run")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_scan)
+
+    q = sub.add_parser("results", help="export or query a scan's database")
+    q.add_argument("db", metavar="DB")
+    q.add_argument("--format", choices=("csv", "jsonl", "parquet"), default="csv", help="output format")
+    q.add_argument("--where", metavar="SQL", help="an SQL condition, e.g. \"verdict = 'likely_ai'\"")
+    q.add_argument("--out", metavar="FILE", help="output file (needed for parquet; default: standard output)")
+    q.set_defaults(func=_results)
+
     h = sub.add_parser("explain", help="draw each image's patch map (each crop's p_ai) over it")
     h.add_argument("model", metavar="MODEL", help="checkpoint path or 'default'")
     h.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
@@ -388,6 +406,30 @@ def _export(args) -> int:
     else:
         raise ValueError(f"{args.out}: name the output .onnx (ONNX) or .pth (the seed's layout)")
     print(f"wrote {path}")
+    return 0
+
+
+def _scan(args) -> int:
+    from .scan import scan
+
+    s = scan(args.paths, args.db, args.model, evidence=args.evidence, batch_size=args.batch_size,
+             commit_every=args.commit_every, progress=not args.quiet and sys.stderr.isatty())
+    v = s["verdicts"]
+    print(f"{s['files']} files in {args.db} for this model ({s['scanned']} scanned now, {s['skipped']} "
+          f"already there): {v.get('likely_ai', 0)} likely AI ({s['flagged_share']:.1%}), "
+          f"{v.get('uncertain', 0)} uncertain, {v.get('likely_human', 0)} likely human, {s['errors']} errors; "
+          "labels " + ", ".join(f"{k} {n}" for k, n in sorted(s["labels"].items(), key=lambda kv: str(kv[0]))))
+    return 0
+
+
+def _results(args) -> int:
+    from .scan import export
+
+    if args.format == "parquet" and not args.out:
+        raise ValueError("parquet needs --out FILE")
+    n = export(args.db, args.out or sys.stdout, args.format, args.where)
+    if args.out:
+        print(f"wrote {n} rows to {args.out}", file=sys.stderr)
     return 0
 
 

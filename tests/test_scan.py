@@ -1,0 +1,114 @@
+"""imageorigin scan: a real SQLite file, re-runs that skip, and SIGKILL at random moments."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+import imageorigin
+from imageorigin.cli import main
+from imageorigin.scan import scan, walk_images
+
+
+@pytest.fixture
+def archive(tmp_path, bench):
+    """A folder tree of real bench images (copied), with one broken file."""
+    root = tmp_path / "archive"
+    for i, c in enumerate(("dalle", "human", "other_ai")):
+        (root / c / "sub").mkdir(parents=True)
+        for j, f in enumerate(sorted((bench / "native/val" / c).iterdir())[:12]):
+            shutil.copy(f, root / c / ("sub" if j % 2 else "") / f.name)
+    (root / "human" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    return root
+
+
+def _rows(db):
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT path, model, verdict, error FROM results ORDER BY path").fetchall()
+
+
+def test_scan_stores_every_file_once_and_reruns_skip(archive, tmp_path):
+    db = tmp_path / "r.sqlite"
+    files = list(walk_images([archive]))
+    assert len(files) == 37
+    first = scan([archive], db, progress=False, commit_every=10)
+    assert first["scanned"] == 37 and first["skipped"] == 0 and first["errors"] == 1
+    assert first["files"] == 37 and sum(first["verdicts"].values()) == 36
+    rows = _rows(db)
+    assert len(rows) == len({r[0] for r in rows}) == 37
+    bad = [r for r in rows if r[0].endswith("broken.jpg")][0]
+    assert "broken.jpg" in bad[3] and bad[2] is None
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    again = scan([archive], db, progress=False)
+    assert again["scanned"] == 0 and again["skipped"] == 37 and _rows(db) == rows
+    # a changed file is scanned again; the rest are skipped
+    victim = files[3]
+    shutil.copy(files[20], victim)
+    changed = scan([archive], db, progress=False)
+    assert changed["scanned"] == 1 and changed["skipped"] == 36
+    # another model scans everything again, beside the first model's rows
+    other = imageorigin.load()
+    other.info["note"] = "a second model"
+    imageorigin.save(other, tmp_path / "other.safetensors")
+    second = scan([archive], db, tmp_path / "other.safetensors", progress=False)
+    assert second["scanned"] == 37 and len(_rows(db)) == 74
+
+
+def test_scan_survives_sigkill_at_random_moments(archive, tmp_path):
+    db = tmp_path / "k.sqlite"
+    cmd = [sys.executable, "-m", "imageorigin.cli", "scan", str(archive), "--db", str(db),
+           "--commit-every", "4", "--batch-size", "4", "--quiet"]
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        # wait until the scan is under way, then kill it without warning
+        while time.time() < deadline and proc.poll() is None:
+            if db.exists():
+                with sqlite3.connect(db) as con:
+                    n = con.execute("SELECT COUNT(*) FROM results").fetchone()[0] if con.execute(
+                        "SELECT name FROM sqlite_master WHERE name='results'").fetchone() else 0
+                if n > 0:
+                    break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 1.5))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1
+    assert main(["scan", str(archive), "--db", str(db), "--quiet"]) == 0
+    rows = _rows(db)
+    paths = sorted(str(p) for p in walk_images([archive]))
+    assert [r[0] for r in rows] == paths  # every file exactly once, none lost
+    assert all(r[2] is not None or r[3] for r in rows)
+
+
+def test_results_export_csv_jsonl_parquet_with_a_condition(archive, tmp_path, capsys):
+    db = tmp_path / "e.sqlite"
+    assert main(["scan", str(archive), "--db", str(db), "--evidence", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("37 files in") and "1 errors" in out
+    assert main(["results", str(db), "--format", "jsonl", "--where", "error IS NOT NULL"]) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["path"].endswith("broken.jpg") and row["p_ai"] is None
+    assert main(["results", str(db), "--format", "csv", "--where", "verdict = 'likely_ai'",
+                 "--out", str(tmp_path / "ai.csv")]) == 0
+    lines = (tmp_path / "ai.csv").read_text().splitlines()
+    assert lines[0].startswith("path,model,size") and all(",likely_ai," in line for line in lines[1:])
+    assert main(["results", str(db), "--format", "parquet", "--out", str(tmp_path / "r.parquet")]) == 0
+    table = pq.read_table(tmp_path / "r.parquet")
+    assert table.num_rows == 37 and "provenance" in table.column_names
+    assert set(table.column("provenance").to_pylist()) <= {"none", "declares_ai", "conflict", None}
+    assert main(["results", str(db), "--where", "no_such_column = 1"]) == 2
+    assert "no such column" in capsys.readouterr().err
