@@ -4,7 +4,8 @@
 
 Starts `imageorigin serve` (a real uvicorn process on 127.0.0.1), then:
 1. `predict` on the bench images in this process: the baseline images/s;
-2. N concurrent clients, one image per request, `--requests` requests in all:
+2. after 300 warm-up requests, N concurrent clients, one image per request,
+   `--requests` requests in all:
    throughput (and its ratio to predict), p50 / p99 latency, the server's peak
    RSS sampled through the run, and the count of 5xx answers;
 3. the same with a hostile mix (1 in 4 requests: a body over the limit, a
@@ -131,6 +132,8 @@ def main() -> None:
                     break
             except OSError:
                 time.sleep(0.1)
+        # Warm-up: the engine's and the allocator's first requests grow memory once.
+        warm = run_load(url, server.pid, items, args.clients, 300)
         clean = run_load(url, server.pid, items, args.clients, args.requests)
         clean["images_per_s_vs_predict"] = round(clean["requests_per_s"] / predict_ips, 2)
         hostile_items = []
@@ -143,7 +146,9 @@ def main() -> None:
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=30)
-    result = {"predict_images_per_s": round(predict_ips, 1), "clean": clean, "hostile_mix": hostile}
+    result = {"predict_images_per_s": round(predict_ips, 1),
+              "warm_up": {"requests": 300, "rss_mb_first_last_peak": warm["rss_mb_first_last_peak"]},
+              "clean": clean, "hostile_mix": hostile}
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
