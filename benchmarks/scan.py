@@ -6,7 +6,9 @@ walking a very large tree.
 1. `predict` on N bench images (a synthetic tree of links to them), then
    `scan` of the same tree into a fresh SQLite file: images/s of each, and
    their ratio (target: 90%).
-2. A tree of `--listed` links: the peak RSS of walking and checking it against
+2. With --ray, the same files through a 2-node Ray cluster started on this
+   machine: Ray's overhead against the local scan.
+3. A tree of `--listed` links: the peak RSS of walking and checking it against
    the database (`scan`'s listing and resume path, without inference), read
    from /proc at 10%, 50% and 100% of the walk.
 """
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--listed", type=int, default=1_000_000)
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    ap.add_argument("--ray", action="store_true", help="also scan through a local 2-node Ray cluster")
     ap.add_argument("--out")
     args = ap.parse_args()
     sources = sorted((Path(args.shared) / "dh3-bench/native/val").rglob("*.jpg"))
@@ -65,6 +68,24 @@ def main() -> None:
         result["throughput"] = {"images": len(files), "predict_images_per_s": round(predict_ips, 1),
                                 "scan_images_per_s": round(scan_ips, 1), "ratio": round(scan_ips / predict_ips, 3)}
         print(result["throughput"], flush=True)
+        if args.ray:  # the same files through a local 2-node Ray cluster
+            import ray
+            from ray.cluster_utils import Cluster
+
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+            cluster.add_node(num_cpus=1)
+            try:
+                t = time.perf_counter()
+                scan([tree], Path(tmp) / "r.sqlite", progress=False, ray_address=cluster.address,
+                     commit_every=512)
+                ray_ips = len(files) / (time.perf_counter() - t)
+            finally:
+                ray.shutdown()
+                cluster.shutdown()
+            result["ray"] = {"images": len(files), "local_scan_images_per_s": round(scan_ips, 1),
+                             "ray_scan_images_per_s": round(ray_ips, 1),
+                             "ray_vs_local": round(ray_ips / scan_ips, 3)}
+            print(result["ray"], flush=True)
 
         big = Path(tmp) / "big"
         _tree(big, sources, args.listed)

@@ -112,3 +112,63 @@ def test_results_export_csv_jsonl_parquet_with_a_condition(archive, tmp_path, ca
     assert set(table.column("provenance").to_pylist()) <= {"none", "declares_ai", "conflict", None}
     assert main(["results", str(db), "--where", "no_such_column = 1"]) == 2
     assert "no such column" in capsys.readouterr().err
+
+
+def test_ray_scan_on_a_two_node_cluster_matches_the_local_scan_and_survives_losing_a_node(archive, tmp_path,
+                                                                                          bench):
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    local = tmp_path / "local.sqlite"
+    scan([archive], local, progress=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = cluster.add_node(num_cpus=1)
+    try:
+        remote = tmp_path / "ray.sqlite"
+        s = scan([archive], remote, progress=False, ray_address=cluster.address)
+        assert s["scanned"] == 37
+        columns = "path, model, size, sha256, label, is_ai, verdict, caveats, error"
+        with sqlite3.connect(local) as a, sqlite3.connect(remote) as b:
+            rows_a = a.execute(f"SELECT {columns}, probs FROM results ORDER BY path").fetchall()
+            rows_b = b.execute(f"SELECT {columns}, probs FROM results ORDER BY path").fetchall()
+        assert [r[:-1] for r in rows_a] == [r[:-1] for r in rows_b]  # the same rows...
+        for x, y in zip(rows_a, rows_b):  # ...and probabilities to float noise (other batch compositions)
+            assert (x[-1] is None) == (y[-1] is None)
+            if x[-1]:
+                px, py = json.loads(x[-1]), json.loads(y[-1])
+                assert all(abs(px[k] - py[k]) < 1e-5 for k in px)
+
+        # Lose the worker node once the scan is committing: every file still ends up exactly once.
+        more = tmp_path / "more"
+        more.mkdir()
+        for f in sorted((bench / "native/val/other_ai").iterdir())[:80]:
+            (more / f.name).symlink_to(f)
+        db = tmp_path / "kill.sqlite"
+        removed = []
+
+        def remove_worker():
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                if db.exists():
+                    with sqlite3.connect(db) as con:
+                        if con.execute("SELECT name FROM sqlite_master WHERE name='results'").fetchone() \
+                                and con.execute("SELECT COUNT(*) FROM results").fetchone()[0] > 0:
+                            break
+                time.sleep(0.1)
+            cluster.remove_node(worker, allow_graceful=False)
+            removed.append(time.time())
+
+        killer = threading.Thread(target=remove_worker)
+        killer.start()
+        s = scan([more], db, progress=False, ray_address=cluster.address, commit_every=16)
+        finished = time.time()
+        killer.join()
+        assert removed and removed[0] < finished  # the node was lost while the scan ran
+        with sqlite3.connect(db) as con:
+            n, distinct = con.execute("SELECT COUNT(*), COUNT(DISTINCT path) FROM results").fetchone()
+        assert n == distinct == 80 and s["errors"] == 0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

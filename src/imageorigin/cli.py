@@ -137,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     s.add_argument("--commit-every", type=int, default=256,
                    help="files per transaction: a crash loses at most this many, redone by a re-run")
+    s.add_argument("--ray", metavar="ADDRESS", help="classify on a Ray cluster: 'auto' (the one this "
+                   "machine belongs to) or its address; this process stays the database's one writer")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_scan)
 
@@ -413,7 +415,8 @@ def _scan(args) -> int:
     from .scan import scan
 
     s = scan(args.paths, args.db, args.model, evidence=args.evidence, batch_size=args.batch_size,
-             commit_every=args.commit_every, progress=not args.quiet and sys.stderr.isatty())
+             commit_every=args.commit_every, progress=not args.quiet and sys.stderr.isatty(),
+             ray_address=args.ray)
     v = s["verdicts"]
     print(f"{s['files']} files in {args.db} for this model ({s['scanned']} scanned now, {s['skipped']} "
           f"already there): {v.get('likely_ai', 0)} likely AI ({s['flagged_share']:.1%}), "

@@ -111,16 +111,22 @@ def _sha256(path: Path) -> str | None:
 
 def scan(paths: Iterable[str | os.PathLike], db: str | os.PathLike, model: str = "default", *,
          evidence: bool = False, batch_size: int = 32, commit_every: int = 256,
-         progress: bool = True, num_workers: int | None = None) -> dict:
+         progress: bool = True, num_workers: int | None = None, ray_address: str | None = None) -> dict:
     """Classify every image under ``paths`` into the SQLite database ``db``.
 
     Files already in the database with the same size, modification time and
-    model are skipped.  Returns the summary: counts per verdict and label,
-    errors, the flagged share, and files scanned / skipped this run.
+    model are skipped.  ``ray_address`` ("auto", or a cluster's address) runs
+    the classification on a Ray cluster (see :func:`_ray_rows`); this process
+    stays the one writer of the database.  Returns the summary: counts per
+    verdict and label, errors, the flagged share, and files scanned / skipped
+    this run.
     """
     checkpoint = default_model_path() if str(model) == "default" else Path(model)
     model_id = _sha256(checkpoint)
-    clf = load(model)
+    clf = None if ray_address else load(model)
+    classify = _ray_rows(ray_address, str(model), evidence, batch_size) if ray_address else \
+        lambda todo: (_row(p) for p in predict(clf, todo, batch_size=batch_size, num_workers=num_workers,
+                                                  evidence=evidence))
     con = connect(db)
     paths = list(paths)
     total = sum(1 for _ in walk_images(paths)) if progress else None  # a listing pass: no memory kept
@@ -131,14 +137,23 @@ def scan(paths: Iterable[str | os.PathLike], db: str | os.PathLike, model: str =
             todo, stats = _todo(con, chunk, model_id)
             done["skipped"] += len(chunk) - len(todo)
             bar.update(len(chunk) - len(todo))
-            rows = []
-            for p in predict(clf, todo, batch_size=batch_size, num_workers=num_workers, evidence=evidence):
-                size, mtime = stats[str(p.path)]
-                rows.append((str(p.path), model_id, size, mtime, _sha256(Path(p.path)), p.label,
-                             json.dumps(p.probs) if p.probs else None, p.p_ai,
-                             None if p.is_ai is None else int(p.is_ai), p.verdict,
-                             json.dumps(p.caveats), (p.provenance or {}).get("summary"), p.error, time.time()))
-                bar.update(1)
+            rows, missing = [], todo
+            for _ in range(3):  # a lost Ray node can lose the batches it held: ask again for those
+                got = {}
+                for r in classify(missing) if missing else ():
+                    got[r["path"]] = r
+                    bar.update(1)
+                for r in got.values():
+                    size, mtime = stats[r["path"]]
+                    rows.append((r["path"], model_id, size, mtime, _sha256(Path(r["path"])), r["label"],
+                                 r["probs"], r["p_ai"], r["is_ai"], r["verdict"], r["caveats"], r["provenance"],
+                                 r["error"], time.time()))
+                missing = [p for p in missing if str(p) not in got]
+                if not missing:
+                    break
+            if missing:
+                raise RuntimeError(f"{len(missing)} files came back from no worker after 3 tries, "
+                                   f"e.g. {missing[0]}; re-run the scan to finish them")
             with con:  # one transaction: the whole chunk or none of it
                 con.executemany(f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) "
                                 f"VALUES ({', '.join('?' * len(COLUMNS))})", rows)
@@ -149,6 +164,49 @@ def scan(paths: Iterable[str | os.PathLike], db: str | os.PathLike, model: str =
     out.update(done)
     con.close()
     return out
+
+
+def _row(p) -> dict:
+    """A prediction as the database stores it (JSON text for probs and caveats)."""
+    return {"path": str(p.path), "label": p.label, "probs": json.dumps(p.probs) if p.probs else None,
+            "p_ai": p.p_ai, "is_ai": None if p.is_ai is None else int(p.is_ai), "verdict": p.verdict,
+            "caveats": json.dumps(p.caveats), "provenance": (p.provenance or {}).get("summary"),
+            "error": p.error}
+
+
+class _RayClassifier:
+    """A Ray Data actor: loads the model once (the fast engine), classifies batches of paths."""
+
+    def __init__(self, model: str, evidence: bool):
+        self.model, self.evidence = load(model), evidence
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [_row(p) for p in predict(self.model, list(batch["path"]), evidence=self.evidence)]
+        return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+def _ray_rows(address: str, model: str, evidence: bool, batch_size: int):
+    """A function classifying a list of paths on the Ray cluster at ``address``:
+    a Ray Data dataset of the paths, ``map_batches`` over an actor pool (one
+    actor per node's worth of CPUs, each loading the model once); the rows
+    stream back to this process.  Every node must see the same paths (shared
+    storage) and have imageorigin installed."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    actors = max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def classify(todo: list[Path]) -> Iterator[dict]:
+        ds = ray.data.from_items([{"path": str(p)} for p in todo])
+        # Between 1 and one actor per CPU: the pool shrinks if a node is lost, and
+        # Ray Data retries the lost node's batches on the actors that remain.
+        out = ds.map_batches(_RayClassifier, fn_constructor_kwargs={"model": model, "evidence": evidence},
+                             batch_size=batch_size, num_cpus=1,
+                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
+        yield from out.iter_rows()
+
+    return classify
 
 
 def _todo(con: sqlite3.Connection, chunk: list[Path], model_id: str) -> tuple[list[Path], dict]:
