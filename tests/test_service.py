@@ -189,10 +189,12 @@ def test_the_page_in_a_real_browser(server, raw, tmp_path):
         page.goto(server + "/")
         page.wait_for_selector("#model p")
         assert "likely AI from p_ai" in page.inner_text("#model")
-        # keyboard: Tab reaches the drop zone, Enter opens the file chooser
+        # keyboard: Tab from the drop zone reaches the file input, Space opens the chooser
         page.focus("#drop")
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.id") == "picker"
         with page.expect_file_chooser() as chooser:
-            page.keyboard.press("Enter")
+            page.keyboard.press("Space")
         assert chooser.value.is_multiple()
         page.set_input_files("#picker", [str(FIREFLY), str(photo), str(broken)])
         page.wait_for_selector("text=Done: 3 images analysed.", timeout=60000)
