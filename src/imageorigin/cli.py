@@ -366,25 +366,23 @@ def _output(path: str | None):
 
 def _write(preds: Iterable[Prediction], labels: list[str], fmt: str, out: TextIO, evidence: bool = False):
     """Write predictions as they come (csv, jsonl) or aligned at the end (table); yield each."""
-    columns = list(Prediction("", provenance={"summary": None} if evidence else None).row(labels))
+    columns = list(Prediction("").row(labels, evidence))
     if fmt == "csv":
         writer = csv.DictWriter(out, columns)
         writer.writeheader()
         for p in preds:
-            writer.writerow(p.row(labels) if not evidence or p.provenance else
-                            {**p.row(labels), "provenance": None})
+            writer.writerow(p.row(labels, evidence))
             yield p
     elif fmt == "jsonl":
         for p in preds:  # JSON lines carry the patch map too: per-crop p_ai and where each crop lies
             extra = {"provenance": p.provenance} if evidence else {}
-            out.write(json.dumps({**p.row(labels), "caveats": p.caveats, **extra, "patches": p.patches})
+            out.write(json.dumps({**p.row(labels, evidence), "caveats": p.caveats, **extra, "patches": p.patches})
                       + "\n")
             yield p
     else:
         rows = []
         for p in preds:
-            row = {**({"provenance": None} if evidence else {}), **p.row(labels)}
-            row = {c: row.get(c) for c in columns}
+            row = p.row(labels, evidence)
             # The table names each caveat by its tag; CSV and JSON lines give the sentences.
             row["caveats"] = "; ".join(c.split(":")[0] for c in p.caveats) or None
             rows.append([_cell(v) for v in row.values()])

@@ -47,16 +47,16 @@ class Prediction:
     # (see :mod:`imageorigin.provenance`), with its one-word ``summary``.
     provenance: dict | None = None
 
-    def row(self, labels: list[str]) -> dict:
+    def row(self, labels: list[str], evidence: bool = False) -> dict:
         """Flat record: path, verdict, label, p_<label> per class, p_ai, is_ai, caveats,
-        provenance (its summary, only with evidence), error."""
+        provenance (its summary; a column only with ``evidence``), error."""
         out = {"path": self.path, "verdict": self.verdict, "label": self.label}
         out.update({f"p_{l}": self.probs.get(l) for l in labels})
         out["p_ai"] = self.p_ai
         out["is_ai"] = self.is_ai
         out["caveats"] = "; ".join(self.caveats) or None
-        if self.provenance is not None:
-            out["provenance"] = self.provenance["summary"]
+        if evidence:
+            out["provenance"] = (self.provenance or {}).get("summary")
         out["error"] = self.error
         return out
 
