@@ -3,8 +3,11 @@
     python benchmarks/serve.py [--clients 16] [--requests 2000] [--out docs/service/serve.json]
 
 Starts `imageorigin serve` (a real uvicorn process on 127.0.0.1), then:
-1. `predict` on the bench images in this process: the baseline images/s;
-2. after 300 warm-up requests, N concurrent clients, one image per request,
+1. `predict` on the bench images in this process: the baseline images/s
+   (the best of three runs);
+2. after 300 warm-up requests, N concurrent clients (each on one keep-alive
+   connection, as an HTTP client library keeps them; a lean asyncio client,
+   since it shares the cores with the server), one image per request,
    `--requests` requests in all:
    throughput (and its ratio to predict), p50 / p99 latency, the server's peak
    RSS sampled through the run, and the count of 5xx answers;
@@ -15,6 +18,7 @@ Starts `imageorigin serve` (a real uvicorn process on 127.0.0.1), then:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -23,10 +27,8 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,21 +45,43 @@ def _multipart(name: str, data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={b}"
 
 
-def _post(url: str, name: str, data: bytes) -> tuple[int, float]:
+def _request(port: int, name: str, data: bytes) -> bytes:
+    """The whole HTTP/1.1 request for one image, built once before the clock starts."""
     body, kind = _multipart(name, data)
-    req = urllib.request.Request(url + "/v1/analyze", data=body, method="POST", headers={"Content-Type": kind})
-    started = time.perf_counter()
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            r.read()
-            status = r.status
-    except urllib.error.HTTPError as err:
-        status = err.code
-    except (urllib.error.URLError, ConnectionError):
-        # The server answered 413 from Content-Length and closed the connection
-        # while this client was still sending the oversized body.
-        status = 0
-    return status, time.perf_counter() - started
+    return (f"POST /v1/analyze HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {kind}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def _client(port: int, requests: list[bytes], out: list) -> None:
+    """One client on one keep-alive connection, sending its requests in turn.
+
+    A plain asyncio socket client: the load generator shares the 2 cores with
+    the server, and a thread per client with http.client cost a third of a core."""
+    conn = None
+    for req in requests:
+        started = time.perf_counter()
+        try:
+            if conn is None:
+                conn = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = conn
+            writer.write(req)
+            await writer.drain()
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+            status = int(head.split(None, 2)[1])
+            length = int(head.split("content-length:", 1)[1].split("\r\n", 1)[0])
+            await reader.readexactly(length)
+            if "connection: close" in head:
+                writer.close()
+                conn = None
+        except (OSError, asyncio.IncompleteReadError, IndexError, ValueError):
+            # The server answered 413 from Content-Length and closed the connection
+            # while this client was still sending the oversized body.
+            if conn is not None:
+                conn[1].close()
+            conn, status = None, 0
+        out.append((status, time.perf_counter() - started))
+    if conn is not None:
+        conn[1].close()
 
 
 def _rss_mb(pid: int) -> float:
@@ -75,7 +99,7 @@ def _bomb() -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
 
 
-def run_load(url, pid, items, clients, requests):
+def run_load(port, pid, items, clients, requests):
     rss, done = [], threading.Event()
 
     def sample():
@@ -84,9 +108,14 @@ def run_load(url, pid, items, clients, requests):
             time.sleep(0.2)
 
     threading.Thread(target=sample, daemon=True).start()
+    reqs = [_request(port, *items[i % len(items)]) for i in range(requests)]
+    out: list = []
+
+    async def load():
+        await asyncio.gather(*(_client(port, reqs[c::clients], out) for c in range(clients)))
+
     started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        out = list(pool.map(lambda i: _post(url, *items[i % len(items)]), range(requests)))
+    asyncio.run(load())
     wall = time.perf_counter() - started
     done.set()
     lat = np.array([t for _, t in out])
@@ -113,9 +142,14 @@ def main() -> None:
 
     model = imageorigin.load()
     list(imageorigin.predict(model, files[:32]))  # warm
-    started = time.perf_counter()
-    list(imageorigin.predict(model, files))
-    predict_ips = len(files) / (time.perf_counter() - started)
+    # Best of three: the shared machines are noisy, and the best run is the
+    # baseline hardest for the service to match.
+    runs = []
+    for _ in range(3):
+        started = time.perf_counter()
+        list(imageorigin.predict(model, files))
+        runs.append(len(files) / (time.perf_counter() - started))
+    predict_ips = max(runs)
     del model
 
     with socket.socket() as s:
@@ -133,8 +167,8 @@ def main() -> None:
             except OSError:
                 time.sleep(0.1)
         # Warm-up: the engine's and the allocator's first requests grow memory once.
-        warm = run_load(url, server.pid, items, args.clients, 300)
-        clean = run_load(url, server.pid, items, args.clients, args.requests)
+        warm = run_load(port, server.pid, items, args.clients, 300)
+        clean = run_load(port, server.pid, items, args.clients, args.requests)
         clean["images_per_s_vs_predict"] = round(clean["requests_per_s"] / predict_ips, 2)
         hostile_items = []
         for i, item in enumerate(items):
@@ -142,7 +176,7 @@ def main() -> None:
             if i % 3 == 0:
                 hostile_items.append([("big.jpg", b"\xff" * (9 << 20)), ("bomb.png", _bomb()),
                                       ("junk.jpg", os.urandom(5000)), ("empty.png", b"")][(i // 3) % 4])
-        hostile = run_load(url, server.pid, hostile_items, args.clients, args.requests)
+        hostile = run_load(port, server.pid, hostile_items, args.clients, args.requests)
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=30)

@@ -52,7 +52,8 @@ def decode_image(source: Source, name: str | None = None) -> Image.Image:
 
     EXIF orientation is applied; palette, grayscale, 16-bit, CMYK and alpha
     images are converted to RGB, with transparency composited on white; an
-    animated image gives its first frame.
+    animated image gives its first frame.  The returned image keeps the file's
+    format (``"JPEG"``, ``"PNG"`` ...) in ``.format``.
 
     Always at full size: decoding a JPEG at reduced size in the DCT is cheaper
     but blurs the pixel-level traces detectors read, and gave a fine-tuned
@@ -83,7 +84,9 @@ def decode_image(source: Source, name: str | None = None) -> Image.Image:
                     )
                 im.seek(0)  # first frame of an animated GIF/WEBP/PNG
                 im.load()
-                return _to_rgb(ImageOps.exif_transpose(im))
+                rgb = _to_rgb(ImageOps.exif_transpose(im))
+                rgb.format = im.format  # converted images forget it; callers report it
+                return rgb
     except ImageDecodeError:
         raise
     except FileNotFoundError:

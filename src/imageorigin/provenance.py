@@ -21,6 +21,7 @@ one line per file, and names a conflict with the pixel verdict.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -93,16 +94,29 @@ def summarise(evidence: dict, verdict: str | None) -> str:
 # ---------------------------------------------------------------- C2PA
 
 
+_C2PA_MARKERS = (b"c2pa", b"C2PA", b"caBX", b"provenance")
+
+
+@functools.lru_cache(maxsize=1)
+def _c2pa_context(c2pa):
+    """One reader context for the process. Remote manifests are fetched over HTTP
+    by default: never from here."""
+    return c2pa.Context(c2pa.Settings.from_dict({"verify": {"remote_manifest_fetch": False}}))
+
+
 def _c2pa(data: bytes, notes: list[str]) -> dict | None:
     try:
         import c2pa
     except ImportError:  # the reader is an install away; say so, go on
         notes.append("C2PA not checked: c2pa-python is not installed")
         return None
-    # Remote manifests are fetched over HTTP by default: never from here.
-    context = c2pa.Context(c2pa.Settings.from_dict({"verify": {"remote_manifest_fetch": False}}))
+    # A manifest store is JUMBF labelled "c2pa" (caBX/C2PA chunks in PNG/WebP);
+    # a remote one is named in XMP dcterms:provenance.  Without any of these
+    # bytes there is nothing to read, and the Reader costs as much as decoding.
+    if not any(marker in data for marker in _C2PA_MARKERS):
+        return None
     try:
-        with c2pa.Reader(None, io.BytesIO(data), context=context) as reader:
+        with c2pa.Reader(None, io.BytesIO(data), context=_c2pa_context(c2pa)) as reader:
             store = json.loads(reader.json())
     except Exception as err:  # noqa: BLE001 - c2pa raises many kinds; each becomes a state
         text = str(err)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import os
 import re
 import time
@@ -331,12 +330,7 @@ def _read_upload(name: str, data: bytes) -> tuple[dict, Image.Image | None]:
         result["provenance"] = {"summary": provenance.summarise(result.pop("_provenance"), None),
                                 "evidence": []}
         return result, None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            result["format"] = im.format
-    except Exception:  # noqa: BLE001 - decoded once already; the format is a nicety
-        pass
-    result["width"], result["height"] = image.size
+    result["format"], (result["width"], result["height"]) = image.format, image.size
     return result, image
 
 
