@@ -63,9 +63,29 @@ def test_scan_stores_every_file_once_and_reruns_skip(archive, tmp_path):
     assert second["scanned"] == 37 and len(_rows(db)) == 74
 
 
-def test_scan_survives_sigkill_at_random_moments(archive, tmp_path):
-    db = tmp_path / "k.sqlite"
-    cmd = [sys.executable, "-m", "imageorigin.cli", "scan", str(archive), "--db", str(db),
+def _stored(store):
+    """(path, verdict, error) of every row, from a SQLite file or a Parquet folder."""
+    if store.is_dir():
+        table = pq.read_table(sorted(store.glob("part-*.parquet")))
+        return sorted(zip(*(table.column(c).to_pylist() for c in ("path", "verdict", "error"))))
+    with sqlite3.connect(store) as con:
+        return con.execute("SELECT path, verdict, error FROM results ORDER BY path").fetchall()
+
+
+def _count(store):
+    if store.is_dir():
+        return len(_stored(store)) if any(store.glob("part-*.parquet")) else 0
+    if not store.exists():
+        return 0
+    with sqlite3.connect(store) as con:
+        has = con.execute("SELECT name FROM sqlite_master WHERE name='results'").fetchone()
+        return con.execute("SELECT COUNT(*) FROM results").fetchone()[0] if has else 0
+
+
+@pytest.mark.parametrize("mode", ["--db", "--out"])
+def test_scan_survives_sigkill_at_random_moments(archive, tmp_path, mode):
+    store = tmp_path / ("k.sqlite" if mode == "--db" else "parts")
+    cmd = [sys.executable, "-m", "imageorigin.cli", "scan", str(archive), mode, str(store),
            "--commit-every", "4", "--batch-size", "4", "--quiet"]
     rng = random.Random(0)
     kills = 0
@@ -73,13 +93,7 @@ def test_scan_survives_sigkill_at_random_moments(archive, tmp_path):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         # wait until the scan is under way, then kill it without warning
-        while time.time() < deadline and proc.poll() is None:
-            if db.exists():
-                with sqlite3.connect(db) as con:
-                    n = con.execute("SELECT COUNT(*) FROM results").fetchone()[0] if con.execute(
-                        "SELECT name FROM sqlite_master WHERE name='results'").fetchone() else 0
-                if n > 0:
-                    break
+        while time.time() < deadline and proc.poll() is None and _count(store) == 0:
             time.sleep(0.05)
         time.sleep(rng.uniform(0, 1.5))
         if proc.poll() is None:
@@ -87,11 +101,36 @@ def test_scan_survives_sigkill_at_random_moments(archive, tmp_path):
             kills += 1
         proc.wait()
     assert kills >= 1
-    assert main(["scan", str(archive), "--db", str(db), "--quiet"]) == 0
-    rows = _rows(db)
+    assert main(["scan", str(archive), mode, str(store), "--quiet"]) == 0
+    rows = _stored(store)
     paths = sorted(str(p) for p in walk_images([archive]))
     assert [r[0] for r in rows] == paths  # every file exactly once, none lost
-    assert all(r[2] is not None or r[3] for r in rows)
+    assert all(r[1] is not None or r[2] for r in rows)
+
+
+def test_parquet_folder_holds_the_same_rows_as_sqlite_and_results_reads_it(archive, tmp_path, capsys):
+    db, parts = tmp_path / "r.sqlite", tmp_path / "parts"
+    a = scan([archive], db, progress=False, commit_every=10)
+    b = scan([archive], out=parts, progress=False, commit_every=10)
+    assert {k: a[k] for k in ("files", "errors", "verdicts", "labels")} == \
+        {k: b[k] for k in ("files", "errors", "verdicts", "labels")}
+    assert len(list(parts.glob("part-*.parquet"))) == 4 and not list(parts.glob(".tmp-*"))
+    columns = "path, model, size, mtime_ns, sha256, label, probs, p_ai, is_ai, verdict, caveats, error"
+    with sqlite3.connect(db) as con:
+        expected = con.execute(f"SELECT {columns} FROM results ORDER BY path").fetchall()
+    table = pq.read_table(sorted(parts.glob("part-*.parquet"))).sort_by("path")
+    got = list(zip(*(table.column(c.strip()).to_pylist() for c in columns.split(","))))
+    assert got == expected
+    assert scan([archive], out=parts, progress=False)["skipped"] == 37
+    # a changed file gets a newer row; readers see only the newest
+    victim = sorted(walk_images([archive]))[3]
+    shutil.copy(sorted(walk_images([archive]))[30], victim)
+    assert scan([archive], out=parts, progress=False)["scanned"] == 1
+    assert main(["results", str(parts), "--format", "jsonl", "--where", f"path = '{victim}'"]) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["size"] == victim.stat().st_size
+    assert main(["results", str(parts), "--format", "csv"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 38
 
 
 def test_results_export_csv_jsonl_parquet_with_a_condition(archive, tmp_path, capsys):
@@ -139,6 +178,14 @@ def test_ray_scan_on_a_two_node_cluster_matches_the_local_scan_and_survives_losi
             if x[-1]:
                 px, py = json.loads(x[-1]), json.loads(y[-1])
                 assert all(abs(px[k] - py[k]) < 1e-5 for k in px)
+
+        # The workers writing Parquet parts themselves: the same rows again.
+        parts = tmp_path / "ray-parts"
+        s = scan([archive], out=parts, progress=False, ray_address=cluster.address, commit_every=16)
+        assert s["scanned"] == 37 and s["errors"] == 1
+        table = pq.read_table(sorted(parts.glob("part-*.parquet"))).sort_by("path")
+        rows_c = list(zip(*(table.column(c.strip()).to_pylist() for c in columns.split(","))))
+        assert rows_c == [r[:-1] for r in rows_a]
 
         # Lose the worker node once the scan is committing: every file still ends up exactly once.
         more = tmp_path / "more"

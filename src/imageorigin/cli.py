@@ -131,19 +131,22 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("scan", help="classify a whole archive into a SQLite database, resumably")
     s.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders (walked lazily)")
-    s.add_argument("--db", required=True, metavar="DB", help="SQLite file (created if missing)")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", metavar="DB", help="SQLite file (created if missing)")
+    where.add_argument("--out", metavar="DIR", help="a folder of Parquet parts instead (shared storage: with "
+                       "--ray the workers write their own parts)")
     s.add_argument("--model", default="default", metavar="MODEL", help="checkpoint path or 'default'")
     s.add_argument("--evidence", action="store_true", help="also store each file's provenance summary")
     s.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     s.add_argument("--commit-every", type=int, default=256,
                    help="files per transaction: a crash loses at most this many, redone by a re-run")
     s.add_argument("--ray", metavar="ADDRESS", help="classify on a Ray cluster: 'auto' (the one this "
-                   "machine belongs to) or its address; this process stays the database's one writer")
+                   "machine belongs to) or its address; with --db this process stays the database's one writer")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_scan)
 
-    q = sub.add_parser("results", help="export or query a scan's database")
-    q.add_argument("db", metavar="DB")
+    q = sub.add_parser("results", help="export or query a scan's database or Parquet folder")
+    q.add_argument("db", metavar="DB", help="the scan's SQLite file, or its --out folder")
     q.add_argument("--format", choices=("csv", "jsonl", "parquet"), default="csv", help="output format")
     q.add_argument("--where", metavar="SQL", help="an SQL condition, e.g. \"verdict = 'likely_ai'\"")
     q.add_argument("--out", metavar="FILE", help="output file (needed for parquet; default: standard output)")
@@ -412,11 +415,11 @@ def _export(args) -> int:
 def _scan(args) -> int:
     from .scan import scan
 
-    s = scan(args.paths, args.db, args.model, evidence=args.evidence, batch_size=args.batch_size,
+    s = scan(args.paths, args.db, args.model, out=args.out, evidence=args.evidence, batch_size=args.batch_size,
              commit_every=args.commit_every, progress=not args.quiet and sys.stderr.isatty(),
              ray_address=args.ray)
     v = s["verdicts"]
-    print(f"{s['files']} files in {args.db} for this model ({s['scanned']} scanned now, {s['skipped']} "
+    print(f"{s['files']} files in {args.db or args.out} for this model ({s['scanned']} scanned now, {s['skipped']} "
           f"already there): {v.get('likely_ai', 0)} likely AI ({s['flagged_share']:.1%}), "
           f"{v.get('uncertain', 0)} uncertain, {v.get('likely_human', 0)} likely human, {s['errors']} errors; "
           "labels " + ", ".join(f"{k} {n}" for k, n in sorted(s["labels"].items(), key=lambda kv: str(kv[0]))))

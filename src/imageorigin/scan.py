@@ -14,6 +14,13 @@ and the time of the scan.
 - **Streaming.**  Folders are walked lazily, one directory listing at a time,
   and files go through ``predict`` a batch at a time, so memory stays flat
   however many files there are.
+
+``out=DIR`` keeps the same rows as a folder of Parquet parts instead (for
+shared storage, where a Ray cluster's workers write their own parts): each
+part is written whole under a temporary name and renamed into place, named by
+its content so that a batch Ray runs again replaces its part instead of
+adding one.  A re-run skips the files the parts hold; a changed file gets a
+newer row beside its old one, and readers keep the newest row per (path, model).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import os
 import sqlite3
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -109,108 +117,68 @@ def _sha256(path: Path) -> str | None:
         return None
 
 
-def scan(paths: Iterable[str | os.PathLike], db: str | os.PathLike, model: str = "default", *,
-         evidence: bool = False, batch_size: int = 32, commit_every: int = 256,
-         progress: bool = True, num_workers: int | None = None, ray_address: str | None = None) -> dict:
-    """Classify every image under ``paths`` into the SQLite database ``db``.
+def scan(paths: Iterable[str | os.PathLike], db: str | os.PathLike | None = None, model: str = "default", *,
+         out: str | os.PathLike | None = None, evidence: bool = False, batch_size: int = 32,
+         commit_every: int = 256, progress: bool = True, num_workers: int | None = None,
+         ray_address: str | None = None) -> dict:
+    """Classify every image under ``paths`` into the SQLite database ``db``, or
+    into a folder ``out`` of Parquet parts.
 
-    Files already in the database with the same size, modification time and
-    model are skipped.  ``ray_address`` ("auto", or a cluster's address) runs
-    the classification on a Ray cluster (see :func:`_ray_rows`); this process
-    stays the one writer of the database.  Returns the summary: counts per
+    Files already stored with the same size, modification time and model are
+    skipped.  ``ray_address`` ("auto", or a cluster's address) runs the
+    classification on a Ray cluster (see :func:`_ray_rows`): with ``db`` the
+    rows stream back to this process, the database's one writer; with ``out``
+    the workers write the parts themselves.  Returns the summary: counts per
     verdict and label, errors, the flagged share, and files scanned / skipped
     this run.
     """
+    if (db is None) == (out is None):
+        raise ValueError("give either a SQLite database (db) or a Parquet folder (out)")
     checkpoint = default_model_path() if str(model) == "default" else Path(model)
     model_id = _sha256(checkpoint)
-    clf = None if ray_address else load(model)
-    classify = _ray_rows(ray_address, str(model), evidence, batch_size) if ray_address else \
-        lambda todo: (_row(p) for p in predict(clf, todo, batch_size=batch_size, num_workers=num_workers,
-                                                  evidence=evidence))
-    con = connect(db)
+    store = SqliteStore(db) if out is None else ParquetStore(out, model_id)
+    if ray_address:
+        classify = _ray_rows(ray_address, str(model), model_id, evidence, batch_size,
+                             None if out is None else str(out))
+    else:
+        clf = load(model)
+        classify = lambda todo, stats: (_row(p, model_id, stats) for p in predict(  # noqa: E731
+            clf, todo, batch_size=batch_size, num_workers=num_workers, evidence=evidence))
     paths = list(paths)
     total = sum(1 for _ in walk_images(paths)) if progress else None  # a listing pass: no memory kept
     done = {"scanned": 0, "skipped": 0}
     bar = tqdm(total=total, unit="file", desc="scan", disable=not progress, smoothing=0.05)
     try:
         for chunk in _chunks(walk_images(paths), commit_every):
-            todo, stats = _todo(con, chunk, model_id)
+            stats = _stats(chunk)
+            seen = store.seen(chunk, model_id)
+            todo = [p for p in chunk if stats[str(p)][0] is None or (str(p), *stats[str(p)]) not in seen]
             done["skipped"] += len(chunk) - len(todo)
             bar.update(len(chunk) - len(todo))
-            rows, missing = [], todo
+            rows, missing = {}, todo
             for _ in range(3):  # a lost Ray node can lose the batches it held: ask again for those
-                got = {}
-                for r in classify(missing) if missing else ():
-                    got[r["path"]] = r
+                for r in classify(missing, stats) if missing else ():
+                    rows[r["path"]] = r
                     bar.update(1)
-                for r in got.values():
-                    size, mtime = stats[r["path"]]
-                    rows.append((r["path"], model_id, size, mtime, _sha256(Path(r["path"])), r["label"],
-                                 r["probs"], r["p_ai"], r["is_ai"], r["verdict"], r["caveats"], r["provenance"],
-                                 r["error"], time.time()))
-                missing = [p for p in missing if str(p) not in got]
+                missing = [p for p in missing if str(p) not in rows]
                 if not missing:
                     break
             if missing:
                 raise RuntimeError(f"{len(missing)} files came back from no worker after 3 tries, "
                                    f"e.g. {missing[0]}; re-run the scan to finish them")
-            with con:  # one transaction: the whole chunk or none of it
-                con.executemany(f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) "
-                                f"VALUES ({', '.join('?' * len(COLUMNS))})", rows)
+            # Rows a Ray worker already wrote to its own part come back as {"path": ...} only.
+            store.write([r for r in rows.values() if len(r) > 1])
             done["scanned"] += len(rows)
     finally:
         bar.close()
-    out = summary(con, model_id)
-    out.update(done)
-    con.close()
-    return out
+    result = store.summary(model_id)
+    result.update(done)
+    store.close()
+    return result
 
 
-def _row(p) -> dict:
-    """A prediction as the database stores it (JSON text for probs and caveats)."""
-    return {"path": str(p.path), "label": p.label, "probs": json.dumps(p.probs) if p.probs else None,
-            "p_ai": p.p_ai, "is_ai": None if p.is_ai is None else int(p.is_ai), "verdict": p.verdict,
-            "caveats": json.dumps(p.caveats), "provenance": (p.provenance or {}).get("summary"),
-            "error": p.error}
-
-
-class _RayClassifier:
-    """A Ray Data actor: loads the model once (the fast engine), classifies batches of paths."""
-
-    def __init__(self, model: str, evidence: bool):
-        self.model, self.evidence = load(model), evidence
-
-    def __call__(self, batch: dict) -> dict:
-        rows = [_row(p) for p in predict(self.model, list(batch["path"]), evidence=self.evidence)]
-        return {k: [r[k] for r in rows] for k in rows[0]}
-
-
-def _ray_rows(address: str, model: str, evidence: bool, batch_size: int):
-    """A function classifying a list of paths on the Ray cluster at ``address``:
-    a Ray Data dataset of the paths, ``map_batches`` over an actor pool (one
-    actor per node's worth of CPUs, each loading the model once); the rows
-    stream back to this process.  Every node must see the same paths (shared
-    storage) and have imageorigin installed."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
-    actors = max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-    def classify(todo: list[Path]) -> Iterator[dict]:
-        ds = ray.data.from_items([{"path": str(p)} for p in todo])
-        # Between 1 and one actor per CPU: the pool shrinks if a node is lost, and
-        # Ray Data retries the lost node's batches on the actors that remain.
-        out = ds.map_batches(_RayClassifier, fn_constructor_kwargs={"model": model, "evidence": evidence},
-                             batch_size=batch_size, num_cpus=1,
-                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
-        yield from out.iter_rows()
-
-    return classify
-
-
-def _todo(con: sqlite3.Connection, chunk: list[Path], model_id: str) -> tuple[list[Path], dict]:
-    """The files of ``chunk`` not yet scanned as they are now, and each file's (size, mtime_ns)."""
+def _stats(chunk: list[Path]) -> dict[str, tuple]:
+    """Each file's (size, mtime_ns); (None, None) for one that cannot be stat'ed."""
     stats = {}
     for p in chunk:
         try:
@@ -218,12 +186,161 @@ def _todo(con: sqlite3.Connection, chunk: list[Path], model_id: str) -> tuple[li
             stats[str(p)] = (st.st_size, st.st_mtime_ns)
         except OSError:
             stats[str(p)] = (None, None)
-    marks = ",".join("?" * len(chunk))
-    seen = {(r[0], r[1], r[2]) for r in con.execute(
-        f"SELECT path, size, mtime_ns FROM results WHERE model = ? AND path IN ({marks})",
-        [model_id, *map(str, chunk)])}
-    todo = [p for p in chunk if (str(p), *stats[str(p)]) not in seen or stats[str(p)][0] is None]
-    return todo, stats
+    return stats
+
+
+def _row(p, model_id: str, stats: dict) -> dict:
+    """A prediction as the stores keep it (JSON text for probs and caveats), one value per column."""
+    size, mtime = stats[str(p.path)]
+    return {"path": str(p.path), "model": model_id, "size": size, "mtime_ns": mtime,
+            "sha256": _sha256(Path(p.path)), "label": p.label,
+            "probs": json.dumps(p.probs) if p.probs else None, "p_ai": p.p_ai,
+            "is_ai": None if p.is_ai is None else int(p.is_ai), "verdict": p.verdict,
+            "caveats": json.dumps(p.caveats), "provenance": (p.provenance or {}).get("summary"),
+            "error": p.error, "scanned_at": time.time()}
+
+
+class SqliteStore:
+    """Rows in one SQLite file (WAL); this process is its one writer, a transaction per chunk."""
+
+    def __init__(self, db: str | os.PathLike):
+        self.con = connect(db)
+
+    def seen(self, chunk: list[Path], model_id: str) -> set[tuple]:
+        """(path, size, mtime_ns) of the files of ``chunk`` already stored for ``model_id``."""
+        marks = ",".join("?" * len(chunk))
+        return {tuple(r) for r in self.con.execute(
+            f"SELECT path, size, mtime_ns FROM results WHERE model = ? AND path IN ({marks})",
+            [model_id, *map(str, chunk)])}
+
+    def write(self, rows: list[dict]) -> None:
+        with self.con:  # one transaction: the whole chunk or none of it
+            self.con.executemany(f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) "
+                                 f"VALUES ({', '.join('?' * len(COLUMNS))})",
+                                 [tuple(r[c] for c in COLUMNS) for r in rows])
+
+    def summary(self, model_id: str) -> dict:
+        return summary(self.con, model_id)
+
+    def close(self) -> None:
+        self.con.close()
+
+
+class ParquetStore:
+    """Rows as a folder of Parquet parts (``part-*.parquet``), each written whole by
+    :func:`write_part`.  The files already done are read once, at the start."""
+
+    def __init__(self, out: str | os.PathLike, model_id: str):
+        self.dir = Path(out)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.done = {r["path"]: (r["size"], r["mtime_ns"])
+                     for r in _newest(self.dir, ["path", "size", "mtime_ns"], model_id)}
+
+    def seen(self, chunk: list[Path], model_id: str) -> set[tuple]:
+        return {(str(p), *self.done[str(p)]) for p in chunk if str(p) in self.done}
+
+    def write(self, rows: list[dict]) -> None:
+        if rows:
+            write_part(self.dir, rows)
+
+    def summary(self, model_id: str) -> dict:
+        con = sqlite3.connect(":memory:")
+        con.execute(SCHEMA)
+        con.executemany("INSERT INTO results (path, model, verdict, label, error) VALUES (?, ?, ?, ?, ?)",
+                        ((r["path"], model_id, r["verdict"], r["label"], r["error"]) for r in
+                         _newest(self.dir, ["path", "verdict", "label", "error"], model_id)))
+        return summary(con, model_id)
+
+    def close(self) -> None:
+        pass
+
+
+def _arrow_schema():
+    import pyarrow as pa
+
+    types = {"size": pa.int64(), "mtime_ns": pa.int64(), "p_ai": pa.float64(), "is_ai": pa.int64(),
+             "scanned_at": pa.float64()}
+    return pa.schema([(c, types.get(c, pa.string())) for c in COLUMNS])
+
+
+def write_part(folder: str | os.PathLike, rows: list[dict]) -> Path:
+    """Write ``rows`` as one Parquet part in ``folder``, atomically (a temporary name,
+    then a rename).  The name is a digest of the rows' (path, model, size, mtime),
+    so writing the same batch again replaces its part rather than adding a copy."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    key = hashlib.sha256("\n".join(f"{r['path']}\0{r['model']}\0{r['size']}\0{r['mtime_ns']}"
+                                    for r in rows).encode()).hexdigest()[:24]
+    final = Path(folder) / f"part-{key}.parquet"
+    tmp = final.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex}.parquet")
+    schema = _arrow_schema()
+    pq.write_table(pa.table({c: [r[c] for r in rows] for c in COLUMNS}, schema=schema), tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def _newest(folder: Path, columns: list[str], model_id: str | None = None) -> list[dict]:
+    """The rows of a Parquet folder's parts (for one model, or all), only the newest
+    per (path, model): a file scanned again after it changed has two."""
+    import pyarrow.dataset as pds
+
+    parts = sorted(str(f) for f in Path(folder).glob("part-*.parquet"))
+    if not parts:
+        return []
+    ds = pds.dataset(parts, format="parquet", schema=_arrow_schema())
+    keep = list(dict.fromkeys([*columns, "path", "model", "scanned_at"]))
+    table = ds.to_table(columns=keep, filter=None if model_id is None else pds.field("model") == model_id)
+    newest: dict[tuple, dict] = {}
+    for r in table.sort_by("scanned_at").to_pylist():
+        newest[(r["path"], r["model"])] = r
+    return [{c: r[c] for c in columns} for r in newest.values()]
+
+
+class _RayClassifier:
+    """A Ray Data actor: loads the model once (the fast engine), classifies batches of
+    paths; with ``out`` it writes each batch's part itself and returns the paths only."""
+
+    def __init__(self, model: str, model_id: str, evidence: bool, out: str | None):
+        self.model, self.model_id, self.evidence, self.out = load(model), model_id, evidence, out
+
+    def __call__(self, batch: dict) -> dict:
+        stats = {p: (None if s < 0 else int(s), None if m < 0 else int(m))
+                 for p, s, m in zip(batch["path"], batch["size"], batch["mtime_ns"])}
+        rows = [_row(p, self.model_id, stats) for p in predict(self.model, list(batch["path"]),
+                                                                evidence=self.evidence)]
+        if self.out:
+            write_part(self.out, rows)
+            return {"path": [r["path"] for r in rows]}
+        return {k: [r[k] for r in rows] for k in COLUMNS}
+
+
+def _ray_rows(address: str, model: str, model_id: str, evidence: bool, batch_size: int, out: str | None):
+    """A function classifying a list of paths on the Ray cluster at ``address``:
+    a Ray Data dataset of the paths, ``map_batches`` over an actor pool (one
+    actor per node's worth of CPUs, each loading the model once); the rows
+    stream back to this process, or with ``out`` (a folder every node sees) the
+    actors write them there.  Every node must see the same paths (shared
+    storage) and have imageorigin installed."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    actors = max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def classify(todo: list[Path], stats: dict) -> Iterator[dict]:
+        # -1 for a file that could not be stat'ed: Ray Data's columns want one type.
+        ds = ray.data.from_items([{"path": str(p), "size": -1 if stats[str(p)][0] is None else stats[str(p)][0],
+                                   "mtime_ns": -1 if stats[str(p)][1] is None else stats[str(p)][1]}
+                                  for p in todo])
+        # Between 1 and one actor per CPU: the pool shrinks if a node is lost, and
+        # Ray Data retries the lost node's batches on the actors that remain.
+        rows = ds.map_batches(_RayClassifier, fn_constructor_kwargs={
+            "model": model, "model_id": model_id, "evidence": evidence, "out": out},
+            batch_size=batch_size, num_cpus=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
+        yield from rows.iter_rows()
+
+    return classify
 
 
 def summary(con: sqlite3.Connection, model_id: str) -> dict:
@@ -241,8 +358,15 @@ def summary(con: sqlite3.Connection, model_id: str) -> dict:
 def export(db: str | os.PathLike, out, fmt: str = "csv", where: str | None = None) -> int:
     """Write the rows of ``db`` (those matching the SQL condition ``where``) as
     csv, jsonl or parquet to ``out`` (a path; csv / jsonl may be a text stream).
-    The database is opened read-only.  Returns the row count."""
-    con = sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True)
+    ``db`` is a SQLite file, opened read-only, or a scan's Parquet folder (its
+    newest row per file, queried in memory).  Returns the row count."""
+    if Path(db).is_dir():
+        con = sqlite3.connect(":memory:")
+        con.execute(SCHEMA)
+        con.executemany(f"INSERT INTO results VALUES ({', '.join('?' * len(COLUMNS))})",
+                        (tuple(r[c] for c in COLUMNS) for r in _newest(Path(db), list(COLUMNS))))
+    else:
+        con = sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True)
     try:
         cur = con.execute(f"SELECT {', '.join(COLUMNS)} FROM results"
                           + (f" WHERE {where}" if where else "") + " ORDER BY path, model")
@@ -251,9 +375,7 @@ def export(db: str | os.PathLike, out, fmt: str = "csv", where: str | None = Non
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            types = {"size": pa.int64(), "mtime_ns": pa.int64(), "p_ai": pa.float64(), "is_ai": pa.int64(),
-                     "scanned_at": pa.float64()}
-            schema = pa.schema([(c, types.get(c, pa.string())) for c in COLUMNS])
+            schema = _arrow_schema()
             with pq.ParquetWriter(out, schema) as writer:
                 while batch := cur.fetchmany(10000):
                     writer.write_table(pa.table({c: [r[i] for r in batch] for i, c in enumerate(COLUMNS)},
