@@ -146,3 +146,43 @@ def test_densenet_trains_from_a_weights_file(small_folder, tmp_path):
     assert torch.equal(model.backbone.features.conv0.weight, net.features.conv0.weight)
     reloaded = imageorigin.load(tmp_path / "run/model.safetensors")
     assert torch.equal(reloaded.backbone.features.conv0.weight, net.features.conv0.weight)
+
+
+def _history(run):
+    return json.loads((run / "history.json").read_text())
+
+
+def test_ddp_two_processes_train_as_one_does(small_folder, tmp_path, capsys):
+    """--ddp 2: two gloo processes split every batch; each image's augmentation follows
+    its seed, not its process, so the frozen-backbone image loop reaches what one
+    process reaches (to float noise)."""
+    data, val = small_folder(24, view="native/train"), small_folder(16, view="native/val")
+    args = ["train", str(data), "--val", str(val), "--backbone", "mobilenet_v2", "--no-cache", "--native",
+            "--image-size", "96", "--epochs", "2", "--lr", "1e-3", "--batch-size", "16", "--no-samples",
+            "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    assert main(args + ["--ddp", "2", "--out", str(tmp_path / "two")]) == 0
+    one, two = _history(tmp_path / "one"), _history(tmp_path / "two")
+    assert [h["epoch"] for h in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert abs(a["val_accuracy"] - b["val_accuracy"]) <= 0.01
+        # every image once per epoch; an odd last batch weighs its two shares a little unevenly
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-2)
+    model = imageorigin.load(tmp_path / "two/model.safetensors")
+    assert model.info["training"]["processes"] == 2 and model.threshold is not None
+    assert (tmp_path / "two/MODEL_CARD.md").is_file() and (tmp_path / "two/val/metrics.json").is_file()
+    out = capsys.readouterr().out
+    assert out.count("val accuracy") == 2
+
+
+def test_ddp_fine_tunes_and_refuses_the_cached_recipe(small_folder, tmp_path, capsys):
+    data = small_folder(12, view="native/train")
+    cfg = imageorigin.TrainConfig(backbone="mobilenet_v2", finetune=True, native=True, image_size=96,
+                                  epochs=1, batch_size=8, samples=False)
+    model = imageorigin.train(data, tmp_path / "ft", cfg, progress=False, ddp=2)
+    assert model.info["training"]["processes"] == 2
+    [p] = imageorigin.predict(model, [next((data / "human").iterdir())])
+    assert p.error is None and 0 <= p.p_ai <= 1
+    assert main(["train", str(data), "--backbone", "mobilenet_v2", "--ddp", "2",
+                 "--out", str(tmp_path / "cached")]) == 2
+    assert "--ddp splits the image loop" in capsys.readouterr().err

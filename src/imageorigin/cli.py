@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--manifest", metavar="CSV", nargs="+",
                    help="CSV(s) with path, source, licence columns: training sources in the card")
     _add_train_options(t)
+    t.add_argument("--ddp", type=int, default=1, metavar="N",
+                   help="split every batch across N local processes (DistributedDataParallel; "
+                        "the image loop: --finetune or --no-cache); across machines use torchrun")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
 
@@ -275,7 +278,7 @@ def _config(args) -> TrainConfig:
 
 def _train(args) -> int:
     model = train(args.data_dir, args.out, _config(args), val=args.val, progress=not args.quiet,
-                  manifest=args.manifest)
+                  manifest=args.manifest, ddp=args.ddp)
     m = model.info["metrics"]
     print(f"val accuracy {m['val_accuracy']:.4f}  val loss {m['val_loss']:.4f}  "
           f"({model.info['training']['wall_seconds']} s); wrote {args.out}/model.safetensors")

@@ -381,6 +381,7 @@ class ImageDataset(Dataset):
         # stays as small as the batches in flight.
         self.inspect = inspect
         self.seen: dict[int, object] = {}
+        self.epoch = 0  # training: item i's augmentation seed is seeds[i] moved by the epoch
 
     def __len__(self) -> int:
         return len(self.items)
@@ -397,7 +398,7 @@ class ImageDataset(Dataset):
             # torchvision draws from the global RNG: decoding threads
             # (see batches) take turns so each item gets exactly its seed.
             with _RNG_LOCK, torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seeds[i])
+                torch.manual_seed(self.seeds[i] + 7_919 * self.epoch)
                 return i, self.transform(image), label, None
         except ImageDecodeError as err:
             return i, None, label, str(err)
@@ -455,20 +456,65 @@ def batches(dataset: Dataset, batch_size: int, threads: int | None = None) -> It
             yield batch
 
 
-def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int | None = None,
-           seed: int = 0) -> torch.utils.data.DataLoader:
-    """A DataLoader that decodes in worker processes: the training loops' batches
-    (shuffled, augmented, and on a GPU the CPU is free for them)."""
+class ShardedBatches(torch.utils.data.Sampler):
+    """Training batches: each epoch a shuffle seeded by (seed, epoch), cut into
+    batches of ``batch_size``; process ``rank`` of ``world`` takes its share of
+    every batch, so that N processes together see exactly the batches one would.
+
+    A batch with fewer images than processes borrows from the start of the
+    shuffle: every process must take part in every step."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        for start in range(0, self.n, self.batch_size):
+            batch = order[start:start + self.batch_size].tolist()
+            batch += order[:max(0, self.world - len(batch))].tolist()
+            yield batch[self.rank::self.world]
+
+
+def loader(dataset: "ImageDataset", batch_size: int, num_workers: int | None = None, seed: int = 0,
+           rank: int = 0, world: int = 1) -> torch.utils.data.DataLoader:
+    """Shuffled training batches (:class:`ShardedBatches`), decoded and augmented in
+    worker processes (on a GPU the CPU is free for them).  Call
+    ``loader.batch_sampler.set_epoch(epoch)`` before each epoch: the shuffle and
+    every image's augmentation follow (seed, epoch, image), not the worker or
+    process that happens to decode it."""
     if num_workers is None:
         num_workers = min(2, os.cpu_count() or 1) if len(dataset) > batch_size else 0
-    generator = torch.Generator().manual_seed(seed)
+    dataset.seeds = [seed * 1_000_003 + i for i in range(len(dataset))]
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+        batch_sampler=_EpochSeeds(dataset, ShardedBatches(len(dataset), batch_size, seed, rank, world)),
         num_workers=num_workers,
         collate_fn=collate,
-        generator=generator,
         persistent_workers=False,
         worker_init_fn=untune_allocator,
     )
+
+
+class _EpochSeeds(torch.utils.data.Sampler):
+    """A batch sampler that also moves the dataset's augmentation seeds to the epoch
+    (worker processes copy the dataset when each epoch's iteration starts)."""
+
+    def __init__(self, dataset: "ImageDataset", batches: ShardedBatches):
+        self.dataset, self.batches = dataset, batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+        self.dataset.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)

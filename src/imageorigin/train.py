@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -107,15 +108,29 @@ def train(
     val: Folders | None = None,
     progress: bool = True,
     manifest: str | os.PathLike | None = None,
+    ddp: int = 1,
 ) -> Classifier:
     """Train a classifier on one or more folders with one sub-folder per class.
 
     Validation data is ``val`` (one or more folders) or a seeded, stratified
     split of ``data``.  A ``manifest`` (CSV with path, source, licence columns)
     puts the training data's sources and licences into the checkpoint and card.
+    ``ddp=N`` splits every batch across N local processes (PyTorch
+    DistributedDataParallel, gloo on the CPU, NCCL on GPUs); the recipe, the
+    seeds and the checkpoint are the same.  Started by ``torchrun`` (which sets
+    ``WORLD_SIZE``), each process joins the group on its own.
     Returns the trained, calibrated model (also saved as ``out_dir/model.safetensors``).
     """
     cfg = config or TrainConfig()
+    distributed = ddp > 1 or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and cfg.feature_cache and not cfg.finetune:
+        raise ValueError("--ddp splits the image loop (--finetune, or --no-cache): the frozen "
+                         "recipe trains its head on cached features in seconds")
+    if ddp > 1 and not dist.is_initialized():
+        return _spawn(ddp, data, out_dir, cfg, val, progress, manifest)
+    rank, world = _process_group()
+    lead = rank == 0  # the one process that validates, saves and reports
+    progress = progress and lead
     began = time.perf_counter()
     out = Path(out_dir)
     torch.manual_seed(cfg.seed)
@@ -138,9 +153,9 @@ def train(
 
     model = start or _new_model(cfg, pool.classes)
     notes = _data_warnings(model, cfg, train_set, val_set, calib_set)
-    for note in notes:
+    for note in notes if lead else ():
         print(f"imageorigin: warning: {note}", file=sys.stderr)
-    dev = device()
+    dev = device() if world == 1 or not torch.cuda.is_available() else torch.device("cuda", _local_rank())
     model.to(dev)
     model.frozen = not cfg.finetune
     for p in model.backbone.parameters():
@@ -151,7 +166,7 @@ def train(
                "random_crop": cfg.train_crop}
     cached = cfg.feature_cache and not cfg.finetune
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.samples:
+    if cfg.samples and lead:
         report.collage(train_set, out / "collage.png")
     if cached:
         # The frozen backbone's features of K augmented views of each image,
@@ -162,14 +177,23 @@ def train(
         steps = views.steps
         val_logits = features.head_logits(val_set)
     else:
+        if cfg.batch_size < world:
+            raise ValueError(f"--batch-size {cfg.batch_size} cannot be split across {world} processes")
         train_dl = loader(
             ImageDataset([p for p, _ in train_set.samples], train_transform(model.preprocessing, augment),
                          [y for _, y in train_set.samples]),
-            cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed,
+            cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed, rank=rank, world=world,
         )
-        epoch_batches = lambda epoch: _image_batches(model, train_dl, cfg.finetune)  # noqa: E731
+        # Every process holds the whole model; DistributedDataParallel averages
+        # the gradients of the trainable parameters across them after each backward.
+        net = model if world == 1 else nn.parallel.DistributedDataParallel(model)
+
+        def epoch_batches(epoch):
+            train_dl.batch_sampler.set_epoch(epoch)
+            return _image_batches(net, train_dl, model.preprocessing["crop"], world)
+
         steps = len(train_dl)
-        val_logits = _logit_fn(model, val_set, cfg, progress)
+        val_logits = _logit_fn(model, val_set, cfg, progress) if lead else None
     params = model.parameters() if cfg.finetune else model.head.parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) \
         if cfg.weight_decay else torch.optim.Adam(params, lr=cfg.lr)
@@ -213,6 +237,12 @@ def train(
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
             bar.update(1)
         bar.close()
+        if world > 1:  # the epoch's training loss and accuracy over every process's share
+            sums = torch.tensor([total_loss, correct, seen], dtype=torch.float64)
+            dist.all_reduce(sums)
+            total_loss, correct, seen = sums[0].item(), int(sums[1]), int(sums[2])
+        if not lead:
+            continue
         logits, y = val_logits()
         row = {
             "epoch": epoch,
@@ -239,11 +269,16 @@ def train(
             save(model, out / "model.safetensors")
         write_json(out / "history.json", history)
 
+    if world > 1:
+        dist.destroy_process_group()
+        if not lead:
+            return model
     if best_state is not None:  # the kept epoch, not the last one
         model.load_state_dict(best_state)
         model.info = _info(cfg, train_set, val_set, val is not None, calib_set, history, best,
                            sorted(skipped), features.stats if cached else None, notes)
 
+    model.info["training"]["processes"] = world
     if manifest is not None:
         model.info["sources"] = _sources(pool, manifest)
     if calib_set is not None:
@@ -285,22 +320,68 @@ def _new_model(cfg: TrainConfig, classes: list[str]) -> Classifier:
     )
 
 
-def _image_batches(model: Classifier, dl, finetune: bool):
-    """The straightforward loop's batches: augment, forward through the backbone, the head.
+def _image_batches(net: nn.Module, dl, crop: int, world: int = 1):
+    """The straightforward loop's batches: augment, forward through the model
+    (the whole of it, or DistributedDataParallel around it).  A frozen backbone's
+    weights need no gradient, so autograd records only the head.
 
     Yields ``(logits (B, C), labels (B,), unreadable files)``; logits are None
-    for a batch with no readable image.
+    for a batch with no readable image.  With several processes, a process whose
+    share has no readable image runs one blank image with weight zero: every
+    process must take part in every step's gradient average.
     """
-    dev = next(model.parameters()).device
+    dev = next(net.parameters()).device
     for _, images, labels, failures in dl:
         errors = [err for _, err in failures]
-        if images is None:
+        if images is None and world == 1:
             yield None, None, errors
             continue
-        images, labels = images.to(dev), labels.to(dev)
-        with torch.set_grad_enabled(finetune):
-            feats = model.backbone(images)  # (B, D)
-        yield model.head(feats), labels, errors
+        if images is None:
+            logits = net(torch.zeros(1, 3, crop, crop, device=dev)) * 0.0  # (1, C): gradient 0
+            yield logits, torch.zeros(1, dtype=torch.long, device=dev), errors
+            continue
+        yield net(images.to(dev)), labels.to(dev), errors
+
+
+def _process_group() -> tuple[int, int]:
+    """This process's (rank, world size): (0, 1) alone; under ``torchrun``
+    (``WORLD_SIZE`` > 1 in the environment) it joins the group first."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", dist.get_rank() if dist.is_initialized() else 0))
+
+
+def _spawn(n: int, data, out_dir, cfg: TrainConfig, val, progress: bool, manifest) -> Classifier:
+    """Run :func:`train` in ``n`` local processes (rank 0 saves), and load its model."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the group's rendezvous on this machine
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.multiprocessing.spawn(_rank_main, args=(n, data, out_dir, cfg, val, progress, manifest),
+                                nprocs=n, join=True)
+    return load_model(Path(out_dir) / "model.safetensors")
+
+
+def _rank_main(rank: int, world: int, data, out_dir, cfg, val, progress, manifest) -> None:
+    # Each process gets its share of the cores: N processes x all cores each
+    # fought over them.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    # A process started by spawn starts its DataLoader workers by spawn too,
+    # re-importing torch in each every epoch (an epoch took 6x as long); fork
+    # them, as in a process torchrun starts.
+    if "fork" in torch.multiprocessing.get_all_start_methods():
+        torch.multiprocessing.set_start_method("fork", force=True)
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world)
+    train(data, out_dir, cfg, val, progress, manifest)
 
 
 class _FeatureSource:
