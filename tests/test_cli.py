@@ -9,7 +9,8 @@ import pytest
 import imageorigin
 from imageorigin.cli import main
 
-COLUMNS = ["path", "verdict", "label", "p_dalle", "p_human", "p_other_ai", "p_ai", "is_ai", "caveats", "error"]
+COLUMNS = ["path", "verdict", "label", "p_dalle", "p_human", "p_other_ai", "p_ai", "is_ai", "caveats", "error",
+           "warnings"]
 
 
 def _table(lines):

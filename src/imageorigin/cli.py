@@ -170,9 +170,21 @@ def _parser() -> argparse.ArgumentParser:
                              ("max_files", int, "most images per request"),
                              ("max_batch", int, "most images in one shared forward pass"),
                              ("max_wait_ms", float, "longest wait for a batch to fill, in ms"),
-                             ("max_queue", int, "most images waiting; past it: 503 with Retry-After")):
+                             ("max_queue", int, "most images waiting; past it: 503 with Retry-After"),
+                             ("rate_per_minute", int, "requests a minute per client address, 0 for no limit; "
+                                                      "past it: 429 with Retry-After"),
+                             ("rate_burst", int, "requests a client may make at once before the rate applies"),
+                             ("body_timeout_s", float, "seconds a request body may take to arrive; past it: 408"),
+                             ("request_timeout_s", float, "seconds a request may wait for inference; past "
+                                                          "it: 503")):
         v.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"{what} (default: IMAGEORIGIN_{name.upper()} or the built-in limit)")
+    v.add_argument("--api-key", action="append", metavar="KEY",
+                   help="require this key on every endpoint but /healthz (repeatable; also "
+                        "IMAGEORIGIN_API_KEY, comma-separated)")
+    v.add_argument("--api-key-file", metavar="FILE", help="a file of keys, one per line")
+    v.add_argument("--insecure-bind", action="store_true",
+                   help="allow a non-loopback --host without an API key (something in front authenticates)")
     v.set_defaults(func=_serve)
 
     i = sub.add_parser("info", help="print a model's labels, preprocessing, settings and metrics")
@@ -463,14 +475,19 @@ def _explain(args) -> int:
 def _serve(args) -> int:
     import uvicorn
 
-    from .service import Limits, create_app
+    from .service import Limits, check_bind, create_app, load_api_keys
 
+    keys = load_api_keys(args.api_key, args.api_key_file)
+    check_bind(args.host, keys, args.insecure_bind)
     limits = Limits(**{k: getattr(args, k) for k in ("max_request_bytes", "max_files", "max_batch",
-                                                     "max_wait_ms", "max_queue")
+                                                     "max_wait_ms", "max_queue", "rate_per_minute",
+                                                     "rate_burst", "body_timeout_s", "request_timeout_s")
                        if getattr(args, k) is not None})
     # One process, one model: uvicorn's own workers would each load it and fight for the cores.
-    uvicorn.run(create_app(args.model, limits), host=args.host, port=args.port, log_level="info",
-                access_log=False)
+    # limit_concurrency answers 503 past that many open connections and tasks;
+    # timeout_keep_alive drops idle connections.
+    uvicorn.run(create_app(args.model, limits, keys), host=args.host, port=args.port, log_level="info",
+                access_log=False, limit_concurrency=1024, timeout_keep_alive=5)
     return 0
 
 

@@ -402,6 +402,8 @@ class ImageDataset(Dataset):
                 return i, self.transform(image), label, None
         except ImageDecodeError as err:
             return i, None, label, str(err)
+        except Exception as err:  # noqa: BLE001 - one odd file must not end the batch
+            return i, None, label, f"{item}: cannot be prepared for the model ({type(err).__name__}: {err})"
 
 
 def collate(batch):

@@ -6,8 +6,11 @@ Every caller (training, evaluation, prediction, the API) goes through
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Union
@@ -33,6 +36,61 @@ IMAGE_SUFFIXES = frozenset(
 Source = Union[str, os.PathLike, bytes, BinaryIO]
 
 
+# Pillow warns about damaged files (corrupt EXIF, truncated tags, malformed
+# MPO ...) through the warnings module.  Those belong in the file's own result,
+# not as lines on stderr: while a thread decodes, its warnings go to that
+# thread's list (a thread-local sink; warnings.catch_warnings is not safe in
+# the decoding threads predict and the service run), and every one is kept
+# ("always"), not only the first per source line.
+_decoding = threading.local()
+_show_elsewhere = warnings.showwarning
+
+
+def _route_warning(message, category, filename, lineno, file=None, line=None):
+    sink = getattr(_decoding, "sink", None)
+    if sink is None:
+        return _show_elsewhere(message, category, filename, lineno, file, line)
+    if issubclass(category, Image.DecompressionBombWarning):
+        return  # Pillow warns between its limit and twice that; we check the size ourselves
+    text = str(message)
+    if text not in sink:
+        sink.append(text)
+
+
+warnings.showwarning = _route_warning
+warnings.filterwarnings("always", module=r"PIL\.")
+
+
+class _PillowLog(logging.Handler):
+    """Pillow's plugins also log (``logger.error("More samples per pixel ...")``):
+    while a thread decodes, those records go to its list; otherwise on to the
+    root logger, as if this handler were not here."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sink = getattr(_decoding, "sink", None)
+        if sink is None:
+            logging.getLogger().handle(record)
+        elif record.getMessage() not in sink:
+            sink.append(record.getMessage())
+
+
+_pillow_logger = logging.getLogger("PIL")
+_pillow_logger.addHandler(_PillowLog())
+_pillow_logger.propagate = False
+
+
+@contextlib.contextmanager
+def pillow_warnings() -> Iterator[list[str]]:
+    """Collect the warnings this thread raises inside the block into the list it
+    yields, instead of printing them (one per distinct message)."""
+    outer = getattr(_decoding, "sink", None)
+    _decoding.sink = sink = []
+    try:
+        yield sink
+    finally:
+        _decoding.sink = outer
+
+
 class ImageDecodeError(ValueError):
     """An image could not be decoded.  ``str(err)`` names the file and why."""
 
@@ -53,7 +111,8 @@ def decode_image(source: Source, name: str | None = None) -> Image.Image:
     EXIF orientation is applied; palette, grayscale, 16-bit, CMYK and alpha
     images are converted to RGB, with transparency composited on white; an
     animated image gives its first frame.  The returned image keeps the file's
-    format (``"JPEG"``, ``"PNG"`` ...) in ``.format``.
+    format (``"JPEG"``, ``"PNG"`` ...) in ``.format``, and Pillow's warnings
+    about the file (corrupt EXIF ...) in ``.info["warnings"]`` instead of on stderr.
 
     Always at full size: decoding a JPEG at reduced size in the DCT is cheaper
     but blurs the pixel-level traces detectors read, and gave a fine-tuned
@@ -67,26 +126,34 @@ def decode_image(source: Source, name: str | None = None) -> Image.Image:
         name = str(source) if isinstance(source, (str, os.PathLike)) else "<bytes>"
     if isinstance(source, bytes):
         source = io.BytesIO(source)
+    with pillow_warnings() as warned:
+        try:
+            return _decode(source, name, warned)
+        except ImageDecodeError as err:
+            if not warned:
+                raise
+            # What Pillow logged on the way says more than its exception's type.
+            raise ImageDecodeError(name, f"{err.reason}; the decoder said: {'; '.join(warned)}") from None
+
+
+def _decode(source, name: str, warned: list[str]) -> Image.Image:
     try:
         if isinstance(source, (str, os.PathLike)) and os.path.getsize(source) == 0:
             raise ImageDecodeError(name, "empty file (0 bytes)")
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we check
-            # the size ourselves before decoding, so turn its warning off.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as im:
-                width, height = im.size
-                if width * height > max_pixels():
-                    raise ImageDecodeError(
-                        name,
-                        f"image is {width}x{height} = {width * height} pixels, over the "
-                        f"limit of {max_pixels()} (set IMAGEORIGIN_MAX_PIXELS to raise it)",
-                    )
-                im.seek(0)  # first frame of an animated GIF/WEBP/PNG
-                im.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(im))
-                rgb.format = im.format  # converted images forget it; callers report it
-                return rgb
+        with Image.open(source) as im:
+            width, height = im.size
+            if width * height > max_pixels():
+                raise ImageDecodeError(
+                    name,
+                    f"image is {width}x{height} = {width * height} pixels, over the "
+                    f"limit of {max_pixels()} (set IMAGEORIGIN_MAX_PIXELS to raise it)",
+                )
+            im.seek(0)  # first frame of an animated GIF/WEBP/PNG
+            im.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(im))
+            rgb.format = im.format  # converted images forget it; callers report it
+            rgb.info["warnings"] = warned
+            return rgb
     except ImageDecodeError:
         raise
     except FileNotFoundError:
@@ -102,6 +169,11 @@ def decode_image(source: Source, name: str | None = None) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as err:
         # Pillow reports truncated and corrupt data with any of these.
         raise ImageDecodeError(name, f"corrupt or truncated image ({err})") from None
+    except Exception as err:  # noqa: BLE001
+        # Pillow's plugins raise other kinds too: NotImplementedError for a
+        # format they recognise but cannot decode, struct.error, IndexError,
+        # KeyError ... for damaged data.  Each is this file's error, never the batch's.
+        raise ImageDecodeError(name, f"cannot be decoded ({type(err).__name__}: {err})") from None
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

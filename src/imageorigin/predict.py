@@ -39,6 +39,8 @@ class Prediction:
     verdict: str | None = None
     caveats: list[str] = field(default_factory=list)
     error: str | None = None
+    # What the decoder said about a damaged but readable file (corrupt EXIF ...).
+    warnings: list[str] = field(default_factory=list)
     # The patch map: where each scored crop lies in the image, (left, top,
     # width, height) in its pixels, and the crop's own p_ai.  Empty for a
     # single-crop model.
@@ -49,7 +51,7 @@ class Prediction:
 
     def row(self, labels: list[str], evidence: bool = False) -> dict:
         """Flat record: path, verdict, label, p_<label> per class, p_ai, is_ai, caveats,
-        provenance (its summary; a column only with ``evidence``), error."""
+        provenance (its summary; a column only with ``evidence``), error, warnings."""
         out = {"path": self.path, "verdict": self.verdict, "label": self.label}
         out.update({f"p_{l}": self.probs.get(l) for l in labels})
         out["p_ai"] = self.p_ai
@@ -58,6 +60,7 @@ class Prediction:
         if evidence:
             out["provenance"] = (self.provenance or {}).get("summary")
         out["error"] = self.error
+        out["warnings"] = "; ".join(self.warnings) or None
         return out
 
 
@@ -95,7 +98,8 @@ def predict(
                         model.preprocessing["crop"])
     crop = model.preprocessing["crop"]
     cut = model.threshold if threshold is None else threshold
-    dataset = ImageDataset(items, model.transform, inspect=lambda im: (im.size, image_caveats(im, crop)))
+    dataset = ImageDataset(items, model.transform, inspect=lambda im: (im.size, image_caveats(im, crop),
+                                                                     im.info.get("warnings", [])))
     dl = batches(dataset, batch_size, threads=num_workers)
     pending: dict[int, Prediction] = {}
     next_out = 0
@@ -109,7 +113,7 @@ def predict(
                 ai = [None] * len(probs) if ai is None else ai.tolist()
                 crop_ai = _crop_p_ai(model, out)  # (B, N) or None
                 for j, (i, p, p_ai) in enumerate(zip(idx.tolist(), probs.tolist(), ai)):
-                    size, caveats = dataset.seen.pop(i)  # (width, height), [str]
+                    size, caveats, warned = dataset.seen.pop(i)  # (width, height), [str], [str]
                     verdict = band(p_ai, model.bands, cut, caveats)
                     pending[i] = Prediction(
                         names[i],
@@ -119,6 +123,7 @@ def predict(
                         is_ai=None if verdict is None else verdict == "likely_ai",
                         verdict=verdict,
                         caveats=caveats,
+                        warnings=warned,
                         patches=[] if crop_ai is None else [
                             {"box": list(box), "p_ai": c}
                             for box, c in zip(crop_boxes(*size, model.preprocessing),

@@ -29,6 +29,8 @@ from typing import Any
 
 from PIL import Image
 
+from .images import pillow_warnings
+
 # IPTC digital source types (http://cv.iptc.org/newscodes/digitalsourcetype/).
 AI_SOURCE_TYPES = {"trainedAlgorithmicMedia", "algorithmicMedia"}
 AI_EDIT_SOURCE_TYPES = {"compositeWithTrainedAlgorithmicMedia", "compositeSynthetic"}
@@ -61,20 +63,23 @@ def read(data: bytes) -> dict:
     out: dict[str, Any] = {"c2pa": None, "generator": None, "xmp": {}, "exif": {},
                            "evidence": [], "notes": []}
     out["c2pa"] = _c2pa(data, out["notes"])
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            info = dict(im.info)
-            text = dict(getattr(im, "text", {}) or {}) if im.format == "PNG" else {}
-            exif = im.getexif()
-            sub = exif.get_ifd(_EXIF_IFD) if exif else {}
-    except Exception as err:  # noqa: BLE001 - any reader failure is the file's note, not a crash
-        out["notes"].append(f"metadata not readable: {type(err).__name__}")
-        info, text, exif, sub = {}, {}, {}, {}
-    out["generator"] = _generator(text, info, exif, sub)
-    out["xmp"] = _xmp(info.get("xmp") or info.get("XML:com.adobe.xmp"), out["notes"])
-    out["exif"] = {k: str(v)[:200] for k, v in (("software", exif.get(_SOFTWARE)),
-                                                  ("make", exif.get(_MAKE)),
-                                                  ("model", exif.get(_MODEL))) if v}
+    # Damaged metadata: Pillow's warnings become notes, and any failure of the
+    # readers below is the file's note, never a crash.
+    with pillow_warnings() as warned:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                info = dict(im.info)
+                text = dict(getattr(im, "text", {}) or {}) if im.format == "PNG" else {}
+                exif = im.getexif()
+                sub = exif.get_ifd(_EXIF_IFD) if exif else {}
+            out["generator"] = _generator(text, info, exif, sub)
+            out["xmp"] = _xmp(info.get("xmp") or info.get("XML:com.adobe.xmp"), out["notes"])
+            out["exif"] = {k: str(v)[:200] for k, v in (("software", exif.get(_SOFTWARE)),
+                                                          ("make", exif.get(_MAKE)),
+                                                          ("model", exif.get(_MODEL))) if v}
+        except Exception as err:  # noqa: BLE001
+            out["notes"].append(f"metadata not readable: {type(err).__name__}")
+    out["notes"] += [f"metadata damaged: {w}" for w in warned]
     out["declared"], out["evidence"] = _declared(out)
     return out
 

@@ -56,12 +56,13 @@ CREATE TABLE IF NOT EXISTS results (
     caveats TEXT,                 -- JSON list of sentences
     provenance TEXT,              -- summary, with --evidence
     error TEXT,
+    warnings TEXT,                -- what the decoder said about a damaged but readable file
     scanned_at REAL,
     PRIMARY KEY (path, model)
 )
 """
 COLUMNS = ("path", "model", "size", "mtime_ns", "sha256", "label", "probs", "p_ai", "is_ai", "verdict",
-           "caveats", "provenance", "error", "scanned_at")
+           "caveats", "provenance", "error", "warnings", "scanned_at")
 
 
 def walk_images(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
@@ -95,6 +96,8 @@ def connect(db: str | os.PathLike) -> sqlite3.Connection:
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=NORMAL")  # with WAL: a committed batch survives a process kill
     con.execute(SCHEMA)
+    if "warnings" not in {r[1] for r in con.execute("PRAGMA table_info(results)")}:
+        con.execute("ALTER TABLE results ADD COLUMN warnings TEXT")  # a database from before it
     return con
 
 
@@ -197,7 +200,7 @@ def _row(p, model_id: str, stats: dict) -> dict:
             "probs": json.dumps(p.probs) if p.probs else None, "p_ai": p.p_ai,
             "is_ai": None if p.is_ai is None else int(p.is_ai), "verdict": p.verdict,
             "caveats": json.dumps(p.caveats), "provenance": (p.provenance or {}).get("summary"),
-            "error": p.error, "scanned_at": time.time()}
+            "error": p.error, "warnings": "; ".join(p.warnings) or None, "scanned_at": time.time()}
 
 
 class SqliteStore:
@@ -363,7 +366,7 @@ def export(db: str | os.PathLike, out, fmt: str = "csv", where: str | None = Non
     if Path(db).is_dir():
         con = sqlite3.connect(":memory:")
         con.execute(SCHEMA)
-        con.executemany(f"INSERT INTO results VALUES ({', '.join('?' * len(COLUMNS))})",
+        con.executemany(f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                         (tuple(r[c] for c in COLUMNS) for r in _newest(Path(db), list(COLUMNS))))
     else:
         con = sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True)

@@ -16,13 +16,26 @@ image, truncated or over the pixel limit gets its own ``error`` in the
 results while the other files go on (422 when no file at all could be read).
 There is no URL fetching: users upload the file.  No image bytes are logged or
 kept.
+
+Access (:class:`Guard`, the outermost layer): with API keys set, every
+endpoint but ``/healthz`` needs one (``Authorization: Bearer KEY``,
+``X-API-Key: KEY``, or HTTP Basic with the key as password, which a browser
+asks for once and then sends with the page's own requests), compared in
+constant time.  Each client (by address) has a token bucket: past it, 429 with
+``Retry-After``.  A body must arrive within ``body_timeout_s`` (408 after it),
+so a client trickling bytes holds a coroutine, never a thread, and not for
+long.  Every answer carries ``nosniff`` and a Content-Security-Policy that
+lets the page load only its own files (no inline script); no CORS headers are
+sent, so other sites' pages cannot read the API's answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import os
+import hmac
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +73,12 @@ class Limits:
     max_wait_ms: float = field(default_factory=lambda: _env("max_wait_ms", 10.0))
     max_queue: int = field(default_factory=lambda: _env("max_queue", 256))
     max_pixels: int = field(default_factory=max_pixels)
+    # Per client address: a bucket of rate_burst requests refilled at
+    # rate_per_minute (0: no limit).
+    rate_per_minute: int = field(default_factory=lambda: _env("rate_per_minute", 600))
+    rate_burst: int = field(default_factory=lambda: _env("rate_burst", 60))
+    body_timeout_s: float = field(default_factory=lambda: _env("body_timeout_s", 30.0))
+    request_timeout_s: float = field(default_factory=lambda: _env("request_timeout_s", 120.0))
 
 
 class Busy(Exception):
@@ -131,10 +150,11 @@ class Batcher:
 
 class _BodyLimit:
     """ASGI middleware: a request body over ``limit`` bytes gets 413, whether it
-    says so in Content-Length or only while streaming in."""
+    says so in Content-Length or only while streaming in; one that has not
+    arrived ``timeout`` seconds after the request began gets 408."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -143,11 +163,14 @@ class _BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await _send_json(send, 413, f"request body of {int(length)} bytes is over the "
                                                f"limit of {self.limit} bytes")
-        seen = 0
+        seen, deadline = 0, time.monotonic() + self.timeout
 
         async def counted():
             nonlocal seen
-            message = await receive()
+            try:  # a client trickling its body in is cut off at the deadline
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the request body did not arrive within {self.timeout:g} s") from None
             seen += len(message.get("body", b""))
             if seen > self.limit:
                 raise HTTPException(413, f"request body is over the limit of {self.limit} bytes")
@@ -156,12 +179,117 @@ class _BodyLimit:
         await self.app(scope, counted, send)
 
 
-async def _send_json(send, status: int, error: str) -> None:
+async def _send_json(send, status: int, error: str, headers: list | None = None) -> None:
     body = JSONResponse({"error": error}, status_code=status).body
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
+
+
+# The page and the API: only this origin's own files, no inline script, no
+# plugins, never framed.  Images the page draws come from blob: URLs it makes.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+
+
+def load_api_keys(keys: list[str] | None = None, key_file: str | os.PathLike | None = None) -> list[str]:
+    """The API keys in force: ``keys``, the environment's ``IMAGEORIGIN_API_KEY``
+    (comma-separated), and a file of keys (one per line, # comments)."""
+    found = [k for k in (keys or []) if k]
+    found += [k.strip() for k in os.environ.get("IMAGEORIGIN_API_KEY", "").split(",") if k.strip()]
+    if key_file:
+        for line in Path(key_file).read_text(encoding="utf-8").splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                found.append(line.strip())
+    short = [k for k in found if len(k) < 16]
+    if short:
+        raise ValueError(f"{len(short)} API key(s) under 16 characters: use long random keys "
+                         "(python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return found
+
+
+def check_bind(host: str, keys: list[str], insecure: bool = False) -> None:
+    """Refuse to serve anything but a loopback address without an API key."""
+    import ipaddress
+
+    if keys or insecure or host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise ValueError(f"refusing to serve on {host} without an API key: anyone who can reach it could use "
+                     "it. Give --api-key (or IMAGEORIGIN_API_KEY, or --api-key-file), or --insecure-bind "
+                     "if something in front of it already lets in only whom it should")
+
+
+class Guard:
+    """ASGI middleware, outermost: security headers on every answer, the API key
+    (all but /healthz) and each client's rate limit (all but /healthz)."""
+
+    def __init__(self, app, keys: list[str], limits: Limits, csp: dict[str, str] | None = None):
+        self.app, self.limits = app, limits
+        self.keys = [k.encode() for k in keys]
+        self.csp = csp or {}  # path -> its policy, where it differs from CSP
+        self.buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill time)
+
+    def _authorised(self, headers: dict) -> bool:
+        given = headers.get(b"x-api-key", b"")
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
+            given = auth[7:].strip()
+        elif auth[:6].lower() == b"basic ":
+            try:
+                given = base64.b64decode(auth[6:].strip(), validate=True).partition(b":")[2]
+            except ValueError:
+                given = b""
+        # Every key compared, each in constant time: neither the time nor the
+        # count of comparisons says how much of a key was right.
+        ok = False
+        for key in self.keys:
+            ok |= hmac.compare_digest(given, key)
+        return ok
+
+    def _wait(self, client: str) -> float:
+        """0 if ``client`` may go on now, else the seconds until it may."""
+        rate = self.limits.rate_per_minute / 60.0
+        if rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        tokens, last = self.buckets.pop(client, (float(self.limits.rate_burst), now))
+        tokens = min(float(self.limits.rate_burst), tokens + (now - last) * rate)
+        if len(self.buckets) >= 10_000:  # forget the longest-idle client (insertion order)
+            self.buckets.pop(next(iter(self.buckets)))
+        if tokens < 1:
+            self.buckets[client] = (tokens, now)
+            return (1 - tokens) / rate
+        self.buckets[client] = (tokens - 1, now)
+        return 0.0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def secured(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []),
+                                      (b"x-content-type-options", b"nosniff"),
+                                      (b"content-security-policy", self.csp.get(scope["path"], CSP).encode()),
+                                      (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY")]
+            await send(message)
+
+        if scope["path"] != "/healthz":
+            if self.keys and not self._authorised(dict(scope["headers"])):
+                return await _send_json(secured, 401, "an API key is needed: Authorization: Bearer KEY, "
+                                        "X-API-Key: KEY, or HTTP Basic with the key as password",
+                                        [(b"www-authenticate", b'Basic realm="imageorigin", charset="UTF-8"')])
+            wait = self._wait((scope.get("client") or ("?",))[0])
+            if wait:
+                return await _send_json(secured, 429, "too many requests from this client: slow down",
+                                        [(b"retry-after", str(max(1, round(wait + 0.5))).encode())])
+        await self.app(scope, receive, secured)
 
 
 def weak_spots(checkpoint: Path) -> list[str]:
@@ -189,8 +317,9 @@ def _sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def create_app(model: str = "default", limits: Limits | None = None) -> FastAPI:
-    """The service's application: load ``model`` at start-up (``"default"`` or a path)."""
+def create_app(model: str = "default", limits: Limits | None = None, api_keys: list[str] | None = None) -> FastAPI:
+    """The service's application: load ``model`` at start-up (``"default"`` or a path).
+    With ``api_keys``, every endpoint but /healthz needs one of them."""
     limits = limits or Limits()
     state: dict = {"ready": False}
 
@@ -213,7 +342,19 @@ def create_app(model: str = "default", limits: Limits | None = None) -> FastAPI:
     app = FastAPI(title="imageorigin", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Tell whether an image was made by a person, by DALL-E, or by another AI "
                               "generator: evidence for a person to weigh, not proof.")
-    app.add_middleware(_BodyLimit, limit=limits.max_request_bytes)
+    app.add_middleware(_BodyLimit, limit=limits.max_request_bytes, timeout=limits.body_timeout_s)
+    docs_page = get_swagger_ui_html(openapi_url="/openapi.json", title="imageorigin API",
+                                    swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                    swagger_css_url="/docs-assets/swagger-ui.css",
+                                    swagger_favicon_url="/docs-assets/favicon-32x32.png")
+    # Swagger UI starts from one inline script and sets inline styles: allow
+    # exactly that script, by its hash, on /docs only.
+    hashes = " ".join("'sha256-" + base64.b64encode(hashlib.sha256(m.encode()).digest()).decode() + "'"
+                      for m in re.findall(r"<script>(.*?)</script>", docs_page.body.decode(), flags=re.S))
+    docs_csp = CSP.replace("script-src 'self'", f"script-src 'self' {hashes}").replace(
+        "style-src 'self'", "style-src 'self' 'unsafe-inline'")
+    # Added last, so outermost: a refused request costs no body parsing.
+    app.add_middleware(Guard, keys=list(api_keys or []), limits=limits, csp={"/docs": docs_csp})
     static = Path(str(resources.files("imageorigin") / "static"))
     app.mount("/static", StaticFiles(directory=static), name="static")
     try:  # FastAPI's /docs loads Swagger UI from a CDN: serve its files from a package instead
@@ -241,10 +382,7 @@ def create_app(model: str = "default", limits: Limits | None = None) -> FastAPI:
 
     @app.get("/docs", include_in_schema=False)
     async def docs():
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="imageorigin API",
-                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-                                   swagger_css_url="/docs-assets/swagger-ui.css",
-                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+        return docs_page
 
     @app.get("/healthz")
     async def healthz():
@@ -300,8 +438,8 @@ def create_app(model: str = "default", limits: Limits | None = None) -> FastAPI:
         if images:
             started = time.perf_counter()
             try:
-                preds = await state["batcher"].submit(images)
-            except Busy:
+                preds = await asyncio.wait_for(state["batcher"].submit(images), limits.request_timeout_s)
+            except (Busy, asyncio.TimeoutError):
                 raise HTTPException(503, "the server is busy: retry shortly", headers={"Retry-After": "1"})
             infer_ms = round(1000 * (time.perf_counter() - started), 1)
             for slot, p in zip(slots, preds):
@@ -317,7 +455,7 @@ def create_app(model: str = "default", limits: Limits | None = None) -> FastAPI:
 def _read_upload(name: str, data: bytes) -> tuple[dict, Image.Image | None]:
     """A result with the file's identity and provenance, and its decoded image (None on error)."""
     result = {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
-              "format": None, "width": None, "height": None, "error": None,
+              "format": None, "width": None, "height": None, "error": None, "warnings": [],
               "provenance": {"summary": "none", "evidence": []}}
     if not data:
         result["error"] = f"{name}: empty file (0 bytes)"
@@ -331,6 +469,7 @@ def _read_upload(name: str, data: bytes) -> tuple[dict, Image.Image | None]:
                                 "evidence": []}
         return result, None
     result["format"], (result["width"], result["height"]) = image.format, image.size
+    result["warnings"] = image.info.get("warnings", [])
     return result, image
 
 
