@@ -11,8 +11,9 @@ Starts `imageorigin serve` (a real uvicorn process on 127.0.0.1), then:
    `--requests` requests in all:
    throughput (and its ratio to predict), p50 / p99 latency, the server's peak
    RSS sampled through the run, and the count of 5xx answers;
-3. the same with a hostile mix (1 in 4 requests: a body over the limit, a
-   decompression bomb, garbage bytes, an empty file): 4xx for those, 0 5xx.
+3. the same with a hostile mix (1 in 4 requests by default: a body over the
+   limit, a decompression bomb, garbage bytes, an empty file, and with
+   --api-key no key or a wrong one): 4xx for those, 0 5xx.
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ def _multipart(name: str, data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={b}"
 
 
-def _request(port: int, name: str, data: bytes) -> bytes:
+def _request(port: int, name: str, data: bytes, key: str | None = None) -> bytes:
     """The whole HTTP/1.1 request for one image, built once before the clock starts."""
     body, kind = _multipart(name, data)
-    return (f"POST /v1/analyze HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {kind}\r\n"
+    auth = f"X-API-Key: {key}\r\n" if key else ""
+    return (f"POST /v1/analyze HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}Content-Type: {kind}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
@@ -135,10 +137,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    ap.add_argument("--api-key", help="serve with this key (and no rate limit: every client here shares "
+                                      "one address); requests carry it, hostile ones add no key / a wrong key")
+    ap.add_argument("--hostile-every", type=int, default=3,
+                    help="one hostile request after every N clean ones (3: 1 in 4; 19: 5%%)")
     ap.add_argument("--out")
     args = ap.parse_args()
     files = sorted((Path(args.shared) / "dh3-bench/native/val").rglob("*.jpg"))[: args.images]
-    items = [(f.name, f.read_bytes()) for f in files]
+    items = [(f.name, f.read_bytes(), args.api_key) for f in files]
 
     model = imageorigin.load()
     list(imageorigin.predict(model, files[:32]))  # warm
@@ -155,14 +161,16 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    keyed = ["--api-key", args.api_key, "--rate-per-minute", "0"] if args.api_key else []
     server = subprocess.Popen([sys.executable, "-m", "imageorigin.cli", "serve", "--port", str(port),
-                               "--max-request-bytes", str(8 << 20)],
+                               "--max-request-bytes", str(8 << 20), *keyed],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
             try:
-                if urllib.request.urlopen(url + "/readyz", timeout=1).status == 200:
+                ready = urllib.request.Request(url + "/readyz", headers={"X-API-Key": args.api_key or ""})
+                if urllib.request.urlopen(ready, timeout=1).status == 200:
                     break
             except OSError:
                 time.sleep(0.1)
@@ -170,17 +178,23 @@ def main() -> None:
         warm = run_load(port, server.pid, items, args.clients, 300)
         clean = run_load(port, server.pid, items, args.clients, args.requests)
         clean["images_per_s_vs_predict"] = round(clean["requests_per_s"] / predict_ips, 2)
-        hostile_items = []
-        for i, item in enumerate(items):
-            hostile_items.append(item)
-            if i % 3 == 0:
-                hostile_items.append([("big.jpg", b"\xff" * (9 << 20)), ("bomb.png", _bomb()),
-                                      ("junk.jpg", os.urandom(5000)), ("empty.png", b"")][(i // 3) % 4])
+        key = args.api_key
+        kinds = [("big.jpg", b"\xff" * (9 << 20), key), ("bomb.png", _bomb(), key),
+                 ("junk.jpg", os.urandom(5000), key), ("empty.png", b"", key)]
+        if key:
+            kinds += [(items[0][0], items[0][1], None), (items[0][0], items[0][1], key[:-1] + "x")]
+        hostile_items, n = [], 0
+        for i in range(args.requests):
+            hostile_items.append(items[i % len(items)])
+            if i % args.hostile_every == args.hostile_every - 1:
+                hostile_items.append(kinds[n % len(kinds)])
+                n += 1
         hostile = run_load(port, server.pid, hostile_items, args.clients, args.requests)
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=30)
-    result = {"predict_images_per_s": round(predict_ips, 1),
+    result = {"authenticated": bool(args.api_key), "hostile_share": round(1 / (args.hostile_every + 1), 3),
+              "predict_images_per_s": round(predict_ips, 1),
               "warm_up": {"requests": 300, "rss_mb_first_last_peak": warm["rss_mb_first_last_peak"]},
               "clean": clean, "hostile_mix": hostile}
     print(json.dumps(result, indent=2))

@@ -186,3 +186,45 @@ def test_ddp_fine_tunes_and_refuses_the_cached_recipe(small_folder, tmp_path, ca
     assert main(["train", str(data), "--backbone", "mobilenet_v2", "--ddp", "2",
                  "--out", str(tmp_path / "cached")]) == 2
     assert "--ddp splits the image loop" in capsys.readouterr().err
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_weights(small_folder, tmp_path):
+    """SIGKILL once epoch 1's state is saved, then --resume: the final weights equal
+    an uninterrupted run's bit for bit, and the history has every epoch once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    data, val = small_folder(12, view="native/train"), small_folder(6, view="native/val")
+    args = [sys.executable, "-m", "imageorigin.cli", "train", str(data), "--val", str(val),
+            "--backbone", "mobilenet_v2", "--finetune", "--native", "--image-size", "96", "--epochs", "3",
+            "--batch-size", "8", "--lr", "1e-3", "--schedule", "onecycle", "--downscale", "0.5", "--jpeg", "0.5",
+            "--no-samples", "--quiet"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(args + ["--out", str(whole)], check=True, capture_output=True)
+    proc = subprocess.Popen(args + ["--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "resume.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # during epoch 2
+    proc.wait()
+    assert [h["epoch"] for h in _history(killed)] == [1]
+    assert main(["train", "--resume", str(killed), "--quiet"]) == 0
+    assert [h["epoch"] for h in _history(killed)] == [1, 2, 3]
+    a, b = load_file(whole / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = load_file(whole / "resume.safetensors"), load_file(killed / "resume.safetensors")
+    assert all(torch.equal(ra[k], rb[k]) for k in ra if k.startswith(("model.", "optim.")))
+    assert imageorigin.load(killed / "model.safetensors").threshold == imageorigin.load(
+        whole / "model.safetensors").threshold
+
+
+def test_resume_refuses_nothing_to_resume_and_extra_arguments(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--quiet"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert main(["train", str(tmp_path), "--resume", str(tmp_path)]) == 2
+    assert "give no DATA_DIR" in capsys.readouterr().err

@@ -56,9 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser = lambda *a, **k: add(*a, formatter_class=_Help, **k)
 
     t = sub.add_parser("train", help="train the seed's recipe on a folder with one sub-folder per class")
-    t.add_argument("data_dir", metavar="DATA_DIR", nargs="+",
+    t.add_argument("data_dir", metavar="DATA_DIR", nargs="*",
                    help="one or more folders with one sub-folder per class (e.g. two views)")
-    t.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for the checkpoint, plots and card")
+    t.add_argument("--out", metavar="RUN_DIR", help="folder for the checkpoint, plots and card")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last completed "
+                   "epoch, with its own data and settings (give nothing else but --ddp / --quiet)")
     t.add_argument("--val", metavar="DIR", nargs="+",
                    help="validation folder(s) (default: a stratified split of DATA_DIR)")
     t.add_argument("--manifest", metavar="CSV", nargs="+",
@@ -289,8 +291,19 @@ def _config(args) -> TrainConfig:
 
 
 def _train(args) -> int:
-    model = train(args.data_dir, args.out, _config(args), val=args.val, progress=not args.quiet,
-                  manifest=args.manifest, ddp=args.ddp)
+    if args.resume:
+        if args.data_dir or args.out:
+            raise ValueError("--resume RUN_DIR continues that run with its own data and settings: "
+                             "give no DATA_DIR or --out")
+        from .train import resume
+
+        model = resume(args.resume, progress=not args.quiet, ddp=args.ddp)
+        args.out = args.resume
+    else:
+        if not args.data_dir or not args.out:
+            raise ValueError("train needs DATA_DIR... and --out RUN_DIR (or --resume RUN_DIR)")
+        model = train(args.data_dir, args.out, _config(args), val=args.val, progress=not args.quiet,
+                      manifest=args.manifest, ddp=args.ddp)
     m = model.info["metrics"]
     print(f"val accuracy {m['val_accuracy']:.4f}  val loss {m['val_loss']:.4f}  "
           f"({model.info['training']['wall_seconds']} s); wrote {args.out}/model.safetensors")

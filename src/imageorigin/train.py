@@ -11,6 +11,7 @@ the validation data the card reports.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -22,6 +23,8 @@ from typing import Sequence, Union
 import torch
 import torch.distributed as dist
 from torch import nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import backbones, features, report
@@ -40,7 +43,7 @@ from .data import (
 )
 from .engine import check_precision, create_engine
 from .evaluate import evaluate
-from .fileio import write_json
+from .fileio import atomic_path, write_json
 from .model import Classifier, save
 from .model import load as load_model
 from .runtime import device
@@ -109,6 +112,7 @@ def train(
     progress: bool = True,
     manifest: str | os.PathLike | None = None,
     ddp: int = 1,
+    resume: bool = False,
 ) -> Classifier:
     """Train a classifier on one or more folders with one sub-folder per class.
 
@@ -119,6 +123,11 @@ def train(
     DistributedDataParallel, gloo on the CPU, NCCL on GPUs); the recipe, the
     seeds and the checkpoint are the same.  Started by ``torchrun`` (which sets
     ``WORLD_SIZE``), each process joins the group on its own.
+
+    After every epoch the whole training state (weights, optimiser, schedule,
+    random generators, history, the best epoch so far) is written atomically to
+    ``out_dir/resume.safetensors``; ``resume=True`` continues from it (see
+    :func:`resume`), and the result equals an uninterrupted run's.
     Returns the trained, calibrated model (also saved as ``out_dir/model.safetensors``).
     """
     cfg = config or TrainConfig()
@@ -127,7 +136,7 @@ def train(
         raise ValueError("--ddp splits the image loop (--finetune, or --no-cache): the frozen "
                          "recipe trains its head on cached features in seconds")
     if ddp > 1 and not dist.is_initialized():
-        return _spawn(ddp, data, out_dir, cfg, val, progress, manifest)
+        return _spawn(ddp, data, out_dir, cfg, val, progress, manifest, resume)
     rank, world = _process_group()
     lead = rank == 0  # the one process that validates, saves and reports
     progress = progress and lead
@@ -209,8 +218,16 @@ def train(
     best: dict | None = None  # the epoch kept: best validation accuracy, then lowest loss
     best_state: dict | None = None
     skipped: set[str] = set()
-    started = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    generator = views.generator if cached else None  # the cached recipe's shuffles
+    first = 1
+    if resume:
+        history, best, best_state, skipped = _restore(out / RESUME_FILE, cfg, model, optimizer, scheduler,
+                                                      generator)
+        first = len(history) + 1
+        if lead:
+            print(f"imageorigin: resuming {out} after epoch {len(history)} of {cfg.epochs}", file=sys.stderr)
+    started = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+    for epoch in range(first, cfg.epochs + 1):
         model.train()  # a frozen backbone stays in eval mode (see Classifier.train)
         total_loss, correct, seen = 0.0, 0, 0
         # A bar advanced by hand after each step: one wrapped around the batches
@@ -268,6 +285,8 @@ def train(
             # keeps its best full epoch so far.
             save(model, out / "model.safetensors")
         write_json(out / "history.json", history)
+        _checkpoint(out / RESUME_FILE, cfg, data, val, manifest, model, optimizer, scheduler, generator,
+                    history, best, best_state, skipped)
 
     if world > 1:
         dist.destroy_process_group()
@@ -298,6 +317,81 @@ def train(
                           samples=cfg.samples)
     report.write_model_card(model, out / "MODEL_CARD.md", evaluation)
     return model.eval()
+
+
+RESUME_FILE = "resume.safetensors"
+
+
+def _paths(x) -> list[str] | None:
+    if x is None or isinstance(x, LabelledFolder):
+        return None
+    return [str(p) for p in ([x] if isinstance(x, (str, os.PathLike)) else x)]
+
+
+def _checkpoint(path: Path, cfg: TrainConfig, data, val, manifest, model: nn.Module, optimizer, scheduler,
+                generator, history, best, best_state, skipped) -> None:
+    """Everything a resumed run needs, in one safetensors file written atomically:
+    tensors for the weights (now and of the best epoch), the optimiser's state and
+    the random generators; JSON for the rest (settings, data, history, schedule)."""
+    opt = optimizer.state_dict()
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"best.{k}": v for k, v in (best_state or {}).items()})
+    for i, state in opt["state"].items():
+        tensors.update({f"optim.{i}.{k}": v for k, v in state.items() if torch.is_tensor(v)})
+    tensors["rng.torch"] = torch.get_rng_state()
+    if generator is not None:
+        tensors["rng.epochs"] = generator.get_state()
+    meta = {"config": asdict(cfg), "data": _paths(data), "val": _paths(val), "manifest": _paths(manifest),
+            "history": history, "best": best, "skipped": sorted(skipped),
+            "optim_groups": opt["param_groups"],
+            "optim_scalars": {str(i): {k: v for k, v in st.items() if not torch.is_tensor(v)}
+                              for i, st in opt["state"].items()},
+            "scheduler": None if scheduler is None else scheduler.state_dict()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"imageorigin-resume": json.dumps(meta)})
+
+
+def _restore(path: Path, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, generator):
+    """Load a :func:`_checkpoint` into the run's objects; returns (history, best,
+    best_state, skipped).  Refuses a state written with other settings."""
+    if not path.is_file():
+        raise ValueError(f"{path.parent}: nothing to resume (no {RESUME_FILE}: no epoch was completed)")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["imageorigin-resume"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta["config"] != json.loads(json.dumps(asdict(cfg))):
+        changed = sorted(k for k in meta["config"] if meta["config"][k] != asdict(cfg).get(k))
+        raise ValueError(f"{path.parent} was trained with other settings ({', '.join(changed)}): "
+                         "resume it with its own (imageorigin train --resume RUN_DIR)")
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state = {}
+    for i, scalars in meta["optim_scalars"].items():
+        state[int(i)] = dict(scalars)
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optim_groups"]})
+    if scheduler is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if generator is not None:
+        generator.set_state(tensors["rng.epochs"])
+    best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    return meta["history"], meta["best"], best_state, set(meta["skipped"])
+
+
+def resume(run_dir: str | os.PathLike, progress: bool = True, ddp: int = 1) -> Classifier:
+    """Continue the run in ``run_dir`` from its last completed epoch, with the
+    data and settings it was started with."""
+    path = Path(run_dir) / RESUME_FILE
+    if not path.is_file():
+        raise ValueError(f"{run_dir}: nothing to resume (no {RESUME_FILE}: no epoch was completed)")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["imageorigin-resume"])
+    return train(meta["data"], run_dir, TrainConfig(**meta["config"]), val=meta["val"], progress=progress,
+                 manifest=meta["manifest"], ddp=ddp, resume=True)
 
 
 def _warm_start(path: str) -> Classifier:
@@ -357,7 +451,7 @@ def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", dist.get_rank() if dist.is_initialized() else 0))
 
 
-def _spawn(n: int, data, out_dir, cfg: TrainConfig, val, progress: bool, manifest) -> Classifier:
+def _spawn(n: int, data, out_dir, cfg: TrainConfig, val, progress: bool, manifest, resume: bool) -> Classifier:
     """Run :func:`train` in ``n`` local processes (rank 0 saves), and load its model."""
     import socket
 
@@ -365,12 +459,12 @@ def _spawn(n: int, data, out_dir, cfg: TrainConfig, val, progress: bool, manifes
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.multiprocessing.spawn(_rank_main, args=(n, data, out_dir, cfg, val, progress, manifest),
+    torch.multiprocessing.spawn(_rank_main, args=(n, data, out_dir, cfg, val, progress, manifest, resume),
                                 nprocs=n, join=True)
     return load_model(Path(out_dir) / "model.safetensors")
 
 
-def _rank_main(rank: int, world: int, data, out_dir, cfg, val, progress, manifest) -> None:
+def _rank_main(rank: int, world: int, data, out_dir, cfg, val, progress, manifest, resume) -> None:
     # Each process gets its share of the cores: N processes x all cores each
     # fought over them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -381,7 +475,7 @@ def _rank_main(rank: int, world: int, data, out_dir, cfg, val, progress, manifes
         torch.multiprocessing.set_start_method("fork", force=True)
     os.environ["LOCAL_RANK"] = str(rank)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world)
-    train(data, out_dir, cfg, val, progress, manifest)
+    train(data, out_dir, cfg, val, progress, manifest, resume=resume)
 
 
 class _FeatureSource:
