@@ -56,6 +56,12 @@ def main() -> None:
         folder = _folder(tmp / "images", sorted((BENCH / "native/val").rglob("*.jpg")), 256)
         result = {"machine": _machine()}
         dense = _densenet_checkpoint(tmp / "densenet121.safetensors")
+        # The same network in the seed's .pth layout: no stored precision check,
+        # so predict checks it on the first batch of these images.
+        import imageorigin
+
+        seed = imageorigin.export_seed(imageorigin.load(dense), tmp / "densenet_finetuned_dense.pth")
+        result["seed_pth"] = _inference(str(seed), folder, tmp, plain_ckpt=dense)
         for name, ckpt in (("densenet121", dense), ("default", "default")):
             row = _inference(ckpt, folder, tmp)
             if name == "densenet121":
@@ -80,12 +86,14 @@ def main() -> None:
 # ---------------------------------------------------------------- inference
 
 
-def _inference(ckpt: str, folder: Path, tmp: Path) -> dict:
+def _inference(ckpt: str, folder: Path, tmp: Path, plain_ckpt: str | None = None) -> dict:
+    """``plain_ckpt``: the same network as ``ckpt`` in our format, for the plain loop
+    (which reads the preprocessing from its metadata)."""
     plain, fast = [], []
     shutil.rmtree(tmp / "cache" / "openvino", ignore_errors=True)  # cold: converts the model
     cold = _child("fast", ckpt, folder, tmp / "cold.json")
     for r in range(ROUNDS):
-        plain.append(_child("plain", ckpt, folder, tmp / f"plain{r}.json"))
+        plain.append(_child("plain", plain_ckpt or ckpt, folder, tmp / f"plain{r}.json"))
         fast.append(_child("fast", ckpt, folder, tmp / f"fast{r}.json"))
     best_plain = min(plain, key=lambda r: r["seconds"])
     best_fast = min(fast, key=lambda r: r["seconds"])
@@ -173,6 +181,8 @@ def _fast(ckpt: str, folder: str, out: str) -> None:
     seconds = time.perf_counter() - start
     engine = cached_engine(model, "auto", model.inference_precision, model.preprocessing["crop"])
     assert all(p.error is None for p in preds)
+    if "checked_on" in model.info.get("precision_check", {}):
+        engine = f"{engine}, checked on {model.info['precision_check']['checked_on']}"
     Path(out).write_text(json.dumps({
         "seconds": seconds, "images": len(files), "engine": str(engine),
         "probs": [[p.probs[l] for l in model.labels] for p in preds]}))

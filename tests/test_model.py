@@ -163,3 +163,28 @@ def test_default_model_is_self_describing():
     with safe_open(str(imageorigin.model.default_model_path()), "pt") as f:
         keys = list(f.keys())
     assert {"head.weight", "head.bias"} <= set(keys) and len(keys) > 300
+
+
+def test_a_seed_file_is_checked_on_the_first_batch_of_the_users_images(seed_net, tmp_path, bench, capsys):
+    """A seed .pth has no stored precision check: predict checks bf16 against fp32
+    on the first batch of the images it is given, keeps the outcome, and says so."""
+    from imageorigin.cli import main
+
+    path = tmp_path / "densenet_finetuned_dense.pth"
+    torch.save(seed_net.state_dict(), path)
+    files = sorted((bench / "native/val/human").glob("*.jpg"))[:40]
+    model = imageorigin.load(path)
+    fast = list(imageorigin.predict(model, files))
+    check = model.info["precision_check"]
+    assert check["checked_on"] == "the first 32 images given to predict" and check["images"] == 32
+    assert check["precision"] == model.inference_precision
+    if check["precision"] == "bf16":
+        assert check["same_label"] >= 0.995 and check["max_prob_diff"] <= 0.01
+    ref = list(imageorigin.predict(imageorigin.load(path), files, precision="fp32"))
+    same = sum(a.label == b.label for a, b in zip(fast, ref)) / len(ref)
+    diff = (_probs(fast, model.labels) - _probs(ref, model.labels)).abs().max().item()
+    assert same >= 0.95 and diff <= 0.02  # the agreement target, on images past the checked batch too
+    assert main(["predict", "--model", str(path), *map(str, files[:20]), "--format", "csv", "--out",
+                 str(tmp_path / "p.csv")]) == 0
+    # a later run on the same checkpoint uses the remembered check (on those first 32 images)
+    assert f"precision {check['precision']}, checked on the first 32 images" in capsys.readouterr().err

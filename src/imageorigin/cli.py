@@ -364,6 +364,12 @@ def _predict(args) -> int:
             out.write(summary + "\n")
     if args.gallery:
         report.prediction_gallery(shown, args.gallery)
+    check = model.info.get("precision_check") or {}
+    if "checked_on" in check and not args.quiet:  # a model that had no stored check: say what was chosen
+        print(f"imageorigin: precision {check['precision']}, checked on {check['checked_on']}: "
+              f"same label {check['same_label']:.1%}, largest probability difference "
+              f"{check['max_prob_diff']:.4f}" + ("" if check["precision"] == "bf16" else
+                                                 " (bf16 failed the check: fp32 kept)"), file=sys.stderr)
     if (args.format != "table" or args.out) and not args.quiet:
         print(f"imageorigin: {summary}", file=sys.stderr)
     if counts["error"]:  # said even with --quiet: the exit status alone does not name the count

@@ -122,7 +122,7 @@ def cached_engine(module: nn.Module, engine: str = "auto", precision: str = "fp3
     those calls from compiling the model again each time.  The last few engines
     are kept.
     """
-    digest = _digest(module, input_size) if isinstance(module, nn.Module) else module.digest
+    digest = weights_digest(module, input_size) if isinstance(module, nn.Module) else module.digest
     key = (digest, engine, precision)
     if key not in _ENGINES:
         while len(_ENGINES) >= 4:
@@ -210,7 +210,7 @@ def _converted(module: nn.Module, input_size: int) -> Path:
 _DIGESTS: dict[tuple, str] = {}
 
 
-def _digest(module: nn.Module, input_size: int) -> str:
+def weights_digest(module: nn.Module, input_size: int) -> str:
     """:func:`module_digest`, remembered while no tensor of the module is replaced or
     changed in place (torch counts in-place changes in each tensor's ``_version``):
     hashing 14 MB of weights on every ``predict`` call cost 9 ms, a service's

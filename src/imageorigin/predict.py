@@ -5,6 +5,7 @@ The CLI, evaluation and the Python API all call :func:`predict`.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Union
@@ -13,9 +14,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data import ImageDataset, batches, crop_boxes
-from .engine import cached_engine
+from .engine import cached_engine, check_precision, weights_digest
+from .fileio import write_json
 from . import provenance
 from .model import Classifier
+from .runtime import cache_dir
 from .verdict import band, image_caveats
 
 Item = Union[str, os.PathLike, Image.Image]
@@ -96,6 +99,9 @@ def predict(
     names = [f"<image {i}>" if isinstance(x, Image.Image) else str(x) for i, x in enumerate(items)]
     run = cached_engine(model, engine, precision or model.inference_precision,
                         model.preprocessing["crop"])
+    # A model that never had its precision checked (a seed .pth) is checked on
+    # the first batch of these images; it keeps the outcome (see _check_on).
+    unchecked = precision is None and model.inference_precision == "fp32" and "precision_check" not in model.info
     crop = model.preprocessing["crop"]
     cut = model.threshold if threshold is None else threshold
     dataset = ImageDataset(items, model.transform, inspect=lambda im: (im.size, image_caveats(im, crop),
@@ -108,6 +114,8 @@ def predict(
             for i, err in failures:
                 pending[i] = Prediction(names[i], error=err)
             if images is not None:
+                if unchecked:
+                    run, unchecked = _check_on(model, images, engine), False
                 out = run(images)  # (B, C) logits, or (B, N, C) for N crops of each image
                 probs, ai = model.scores(model.pool(out))  # (B, C), (B,) or None
                 ai = [None] * len(probs) if ai is None else ai.tolist()
@@ -136,6 +144,36 @@ def predict(
                     p.provenance = _evidence(items[next_out], p.verdict)
                 yield p
                 next_out += 1
+
+
+CHECK_MIN_IMAGES = 16
+
+
+def _check_on(model: Classifier, images, engine: str):
+    """The engine for a model with no stored precision check: bf16 when, on this
+    first batch of the user's own images (B, ...), it gives the fp32 labels and
+    probabilities within the check's margins (:func:`imageorigin.engine.check_precision`),
+    else fp32.  The outcome is remembered for this checkpoint in the cache, and
+    kept in ``model.inference_precision`` and
+    ``model.info["precision_check"]`` (``checked_on`` says on what), so the
+    rest of this run and later calls use it, and callers can say which it was."""
+    crop = model.preprocessing["crop"]
+    # Remembered per checkpoint (its weights' digest), beside the converted models:
+    # later runs on the same file skip the check and its second compilation.
+    remembered = cache_dir() / "precision" / f"{weights_digest(model, crop)}.json"
+    if remembered.is_file():
+        check = json.loads(remembered.read_text())
+    elif len(images) < CHECK_MIN_IMAGES or cached_engine(model, engine, "bf16", crop).precision != "bf16":
+        # Too few to judge (and too few for speed to matter), or no bf16 here: fp32.
+        return cached_engine(model, engine, "fp32", crop)
+    else:
+        check = check_precision(model, images, engine)
+        check["checked_on"] = f"the first {len(images)} images given to predict"
+        remembered.parent.mkdir(parents=True, exist_ok=True)
+        write_json(remembered, check)
+    model.inference_precision = check["precision"]
+    model.info["precision_check"] = check
+    return cached_engine(model, engine, check["precision"], crop)
 
 
 def _evidence(path, verdict: str | None) -> dict:
