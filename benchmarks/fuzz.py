@@ -11,6 +11,10 @@ text chunks, XMP, EXIF) and `decode_image`.  Counts: inputs, decoded, error
 rows, crashes (any exception escaping, which the documented errors never
 are), hangs (over 5 s, cut by SIGALRM), the slowest input, and the peak RSS at
 every tenth of the run.  Every crashing input is saved under --crashes.
+
+With --http N, also N requests to a real `imageorigin serve` on 127.0.0.1, each
+with four mutated files and one good one: the status of each (never 5xx),
+and whether every file got its result (the good one a verdict).
 """
 
 from __future__ import annotations
@@ -42,12 +46,66 @@ def _alarm(signum, frame):
     raise Hang()
 
 
+def http_run(pool: list[tuple[str, bytes]], n: int, seed: int) -> dict:
+    """N multipart requests of 4 mutated files + 1 good one to a real server."""
+    import http.client
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "imageorigin.cli", "serve", "--port", str(port),
+                               "--rate-per-minute", "0", "--max-files", "8"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    others = [d for _, d in pool]
+    statuses, missing, good_without_verdict = Counter(), 0, 0
+    try:
+        for _ in range(600):
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        good = pool[0]
+        for i in range(n):
+            rng = random.Random(seed * 10**9 + 10**8 + i)
+            files = [(f"m{j}-{pool[(i + j) % len(pool)][0]}", mutate(pool[(i + j) % len(pool)][1], rng, others))
+                     for j in range(4)] + [good]
+            body = b"".join(b'--b\r\nContent-Disposition: form-data; name="files"; filename="%s"\r\n'
+                            b"Content-Type: application/octet-stream\r\n\r\n%s\r\n" % (name.encode(), data)
+                            for name, data in files) + b"--b--\r\n"
+            try:
+                conn.request("POST", "/v1/analyze", body, {"Content-Type": "multipart/form-data; boundary=b"})
+                r = conn.getresponse()
+                answer = json.loads(r.read())
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                statuses["connection lost"] += 1
+                continue
+            statuses[r.status] += 1
+            if r.status == 200:
+                results = answer["results"]
+                missing += len(files) - len(results)
+                good_without_verdict += not results[-1].get("verdict")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return {"requests": n, "files": 5 * n, "status": {str(k): v for k, v in sorted(statuses.items(), key=str)},
+            "server_5xx": sum(v for k, v in statuses.items() if isinstance(k, int) and k >= 500),
+            "files_without_a_result": missing, "good_files_without_a_verdict": good_without_verdict}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--inputs", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     ap.add_argument("--crashes", default="fuzz-crashes")
+    ap.add_argument("--http", type=int, default=0, help="also this many requests to a real server")
     ap.add_argument("--out")
     args = ap.parse_args()
     pool = seeds(Path(args.shared))
@@ -91,6 +149,8 @@ def main() -> None:
               "crashes": counts["crashes"], "hangs_over_5s": counts["hangs"],
               "slowest_s": round(slowest[0], 3), "slowest_input": slowest[1],
               "peak_rss_mb_at": rss, "error_kinds": dict(errors.most_common(12))}
+    if args.http:
+        result["http"] = http_run(pool, args.http, args.seed)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
