@@ -1,8 +1,13 @@
 """Shared fixtures: real images from ../shared (override with IMAGEORIGIN_SHARED)."""
 
+import contextlib
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -51,3 +56,30 @@ def small_folder(tmp_path, bench):
         return root
 
     return make
+
+
+@contextlib.contextmanager
+def served(app, headers: dict | None = None):
+    """``app`` under a real uvicorn server on a free port of 127.0.0.1, in a thread,
+    once /readyz answers (sent with ``headers``); yields (url, port)."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if urllib.request.urlopen(urllib.request.Request(url + "/readyz", headers=headers or {}),
+                                      timeout=1).status == 200:
+                break
+        except OSError:
+            time.sleep(0.1)
+    try:
+        yield url, port
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

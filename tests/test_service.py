@@ -1,23 +1,18 @@
 """The moderation service on real images: every endpoint, hostile input, shared
 forward passes on a real server on 127.0.0.1, and the page in a real browser."""
 
-import io
 import json
-import socket
-import threading
-import time
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 from PIL import Image
 
-from conftest import SHARED
+from conftest import SHARED, served
 from imageorigin.service import Limits, create_app
 
 FIREFLY = SHARED / "provenance-samples/c2pa/firefly.png"
@@ -136,23 +131,8 @@ def test_a_full_queue_answers_503_with_retry_after(raw):
 @pytest.fixture(scope="module")
 def server():
     """uvicorn serving the app on a free port of 127.0.0.1, in a thread."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app("default", Limits(max_wait_ms=150.0))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if urllib.request.urlopen(url + "/readyz", timeout=1).status == 200:
-                break
-        except OSError:
-            time.sleep(0.1)
-    yield url
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with served(create_app("default", Limits(max_wait_ms=150.0))) as (url, _):
+        yield url
 
 
 def _post(url: str, name: str, data: bytes) -> dict:

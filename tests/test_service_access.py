@@ -3,15 +3,13 @@ security headers and closed CORS; a keyed server used by a real browser."""
 
 import base64
 import socket
-import threading
 import time
 import urllib.request
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
-from conftest import SHARED
+from conftest import SHARED, served
 from imageorigin.cli import main
 from imageorigin.service import Limits, check_bind, create_app, load_api_keys
 
@@ -95,30 +93,12 @@ def test_rate_limit_answers_429_with_retry_after():
         assert c.get("/v1/model").status_code == 200
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def keyed_server():
     """A real uvicorn server with a key and a 2 s body timeout, on 127.0.0.1."""
-    port = _free_port()
     app = create_app("default", Limits(body_timeout_s=2.0), api_keys=[KEY])
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(urllib.request.Request(url + "/readyz", headers={"X-API-Key": KEY}), timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield url, port
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with served(app, {"X-API-Key": KEY}) as (url, port):
+        yield url, port
 
 
 def test_a_client_trickling_its_body_is_cut_off_and_holds_no_one_up(keyed_server):

@@ -459,26 +459,29 @@ def batches(dataset: Dataset, batch_size: int, threads: int | None = None) -> It
 
 
 class ShardedBatches(torch.utils.data.Sampler):
-    """Training batches: each epoch a shuffle seeded by (seed, epoch), cut into
-    batches of ``batch_size``; process ``rank`` of ``world`` takes its share of
-    every batch, so that N processes together see exactly the batches one would.
+    """Training batches of ``dataset``: each epoch a shuffle seeded by (seed, epoch),
+    cut into batches of ``batch_size``; process ``rank`` of ``world`` takes its
+    share of every batch, so that N processes together see exactly the batches
+    one would.  :meth:`set_epoch` also moves the dataset's augmentation seeds to
+    the epoch (worker processes copy the dataset when each epoch's iteration starts).
 
     A batch with fewer images than processes borrows from the start of the
     shuffle: every process must take part in every step."""
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+    def __init__(self, dataset: "ImageDataset", batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
+        self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = self.dataset.epoch = epoch
 
     def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
+        return -(-len(self.dataset) // self.batch_size)
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        for start in range(0, self.n, self.batch_size):
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        for start in range(0, n, self.batch_size):
             batch = order[start:start + self.batch_size].tolist()
             batch += order[:max(0, self.world - len(batch))].tolist()
             yield batch[self.rank::self.world]
@@ -496,27 +499,9 @@ def loader(dataset: "ImageDataset", batch_size: int, num_workers: int | None = N
     dataset.seeds = [seed * 1_000_003 + i for i in range(len(dataset))]
     return torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=_EpochSeeds(dataset, ShardedBatches(len(dataset), batch_size, seed, rank, world)),
+        batch_sampler=ShardedBatches(dataset, batch_size, seed, rank, world),
         num_workers=num_workers,
         collate_fn=collate,
         persistent_workers=False,
         worker_init_fn=untune_allocator,
     )
-
-
-class _EpochSeeds(torch.utils.data.Sampler):
-    """A batch sampler that also moves the dataset's augmentation seeds to the epoch
-    (worker processes copy the dataset when each epoch's iteration starts)."""
-
-    def __init__(self, dataset: "ImageDataset", batches: ShardedBatches):
-        self.dataset, self.batches = dataset, batches
-
-    def set_epoch(self, epoch: int) -> None:
-        self.batches.set_epoch(epoch)
-        self.dataset.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        return iter(self.batches)

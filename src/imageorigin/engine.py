@@ -253,7 +253,8 @@ def check_precision(model, images: torch.Tensor, engine: str = "auto", batch_siz
     size = images.shape[-1]
     runs = {}
     for precision in PRECISIONS:
-        run = create_engine(model, engine, precision=precision, input_size=size)
+        # Cached: the engine chosen by the check is then used without compiling it again.
+        run = cached_engine(model, engine, precision=precision, input_size=size)
         logits = model.pool(torch.cat([run(images[i:i + batch_size])
                                        for i in range(0, len(images), batch_size)]))
         runs[precision], _ = model.scores(logits)  # (N, C) calibrated probabilities

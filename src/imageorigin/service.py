@@ -34,8 +34,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import os
 import hmac
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor

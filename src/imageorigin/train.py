@@ -352,14 +352,19 @@ def _checkpoint(path: Path, cfg: TrainConfig, data, val, manifest, model: nn.Mod
         save_file(tensors, tmp, metadata={"imageorigin-resume": json.dumps(meta)})
 
 
-def _restore(path: Path, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, generator):
-    """Load a :func:`_checkpoint` into the run's objects; returns (history, best,
-    best_state, skipped).  Refuses a state written with other settings."""
+def _resume_state(path: Path, tensors: bool = True) -> tuple[dict, dict]:
+    """A :func:`_checkpoint` file's JSON and (with ``tensors``) its tensors."""
     if not path.is_file():
         raise ValueError(f"{path.parent}: nothing to resume (no {RESUME_FILE}: no epoch was completed)")
     with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["imageorigin-resume"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return (json.loads(f.metadata()["imageorigin-resume"]),
+                {k: f.get_tensor(k) for k in f.keys()} if tensors else {})
+
+
+def _restore(path: Path, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, generator):
+    """Load a :func:`_checkpoint` into the run's objects; returns (history, best,
+    best_state, skipped).  Refuses a state written with other settings."""
+    meta, tensors = _resume_state(path)
     if meta["config"] != json.loads(json.dumps(asdict(cfg))):
         changed = sorted(k for k in meta["config"] if meta["config"][k] != asdict(cfg).get(k))
         raise ValueError(f"{path.parent} was trained with other settings ({', '.join(changed)}): "
@@ -385,11 +390,7 @@ def _restore(path: Path, cfg: TrainConfig, model: nn.Module, optimizer, schedule
 def resume(run_dir: str | os.PathLike, progress: bool = True, ddp: int = 1) -> Classifier:
     """Continue the run in ``run_dir`` from its last completed epoch, with the
     data and settings it was started with."""
-    path = Path(run_dir) / RESUME_FILE
-    if not path.is_file():
-        raise ValueError(f"{run_dir}: nothing to resume (no {RESUME_FILE}: no epoch was completed)")
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["imageorigin-resume"])
+    meta, _ = _resume_state(Path(run_dir) / RESUME_FILE, tensors=False)
     return train(meta["data"], run_dir, TrainConfig(**meta["config"]), val=meta["val"], progress=progress,
                  manifest=meta["manifest"], ddp=ddp, resume=True)
 
