@@ -198,6 +198,11 @@ def test_the_page_in_a_real_browser(server, raw, tmp_path):
         text = Path(download.value.path()).read_text()
         assert text.startswith("name,sha256,verdict") and "firefly.png" in text
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        # the API docs render offline (Swagger UI 5 reads FastAPI's OpenAPI 3.1)
+        page.goto(server + "/docs")
+        page.wait_for_selector(".swagger-ui .info .title", timeout=20000)
+        assert "imageorigin" in page.inner_text(".swagger-ui .info .title")
+        assert page.locator(".opblock-summary-path").count() == 4  # healthz, readyz, model, analyze
         phone = browser.new_page(viewport={"width": 390, "height": 844})
         phone.goto(server + "/")
         phone.wait_for_selector("#model p")

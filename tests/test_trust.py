@@ -131,3 +131,51 @@ def test_a_batch_of_mutated_files_gives_every_file_its_row(tmp_path):
     assert [r.path for r in rows] == [str(f) for f in files]
     assert all((r.error is None) != (r.verdict is None) for r in rows)
     assert all(r.error is None for r in rows[::4])  # the unmutated originals
+
+
+def test_a_served_damaged_file_shows_what_the_decoder_said(bench, tmp_path):
+    """A real `imageorigin serve` process (warnings are routed per process, so not
+    the in-process test server): the result and the page say the file is damaged,
+    the server's stderr does not."""
+    import socket
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    damaged = tmp_path / "damaged_exif.jpg"
+    damaged.write_bytes(_corrupt_exif_jpeg(bench))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "server.log"
+    with open(log, "w") as err:
+        server = subprocess.Popen([sys.executable, "-m", "imageorigin.cli", "serve", "--port", str(port)],
+                                  stdout=err, stderr=err)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if urllib.request.urlopen(url + "/readyz", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        body = (b'--b\r\nContent-Disposition: form-data; name="files"; filename="damaged_exif.jpg"\r\n'
+                b"Content-Type: image/jpeg\r\n\r\n" + damaged.read_bytes() + b"\r\n--b--\r\n")
+        req = urllib.request.Request(url + "/v1/analyze", body, {"Content-Type": "multipart/form-data; boundary=b"})
+        [result] = json.loads(urllib.request.urlopen(req, timeout=60).read())["results"]
+        assert result["error"] is None and result["verdict"]
+        assert any("Skipping tag 270" in w for w in result["warnings"])
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_selector("#model p")
+            page.set_input_files("#picker", [str(damaged)])
+            page.wait_for_selector("text=Done: 1 image analysed.", timeout=60000)
+            assert "The file is damaged; the decoder said: Tag data larger than file. Skipping tag 270" \
+                in page.inner_text("article.card")
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert "Tag data" not in log.read_text()

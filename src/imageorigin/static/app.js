@@ -96,6 +96,9 @@ function card(file, result) {
     for (const cv of result.caveats) ul.append(el("li", {}, cv));
     c.append(el("p", {}, "Why the model is unsure here:"), ul);
   }
+  if (result.warnings && result.warnings.length) {
+    c.append(el("p", { class: "warnings" }, `The file is damaged; the decoder said: ${result.warnings.join("; ")}`));
+  }
   const ev = el("section", { class: "evidence", "aria-label": "provenance evidence" },
     el("h4", {}, "Provenance evidence"), el("p", { class: "summary" }, PROVENANCE[result.provenance.summary]));
   if (result.provenance.evidence.length) {
@@ -120,10 +123,12 @@ function addRow(result) {
 }
 
 function csv() {
-  const head = ["name", "sha256", "verdict", "label", "p_ai", "threshold", "caveats", "provenance", "error"];
+  const head = ["name", "sha256", "verdict", "label", "p_ai", "threshold", "caveats", "provenance", "error",
+    "warnings"];
   const quote = (v) => `"${String(v ?? "").replaceAll('"', '""')}"`;
   const lines = [head.join(",")].concat(rows.map((r) => [r.name, r.sha256, r.verdict, r.label, r.p_ai,
-    r.threshold, (r.caveats || []).join("; "), r.provenance && r.provenance.summary, r.error].map(quote).join(",")));
+    r.threshold, (r.caveats || []).join("; "), r.provenance && r.provenance.summary, r.error,
+    (r.warnings || []).join("; ")].map(quote).join(",")));
   const url = URL.createObjectURL(new Blob([lines.join("\n") + "\n"], { type: "text/csv" }));
   const a = el("a", { href: url, download: "imageorigin-results.csv" });
   document.body.append(a);
