@@ -132,45 +132,6 @@ def test_warm_start_begins_from_the_checkpoint(native_run, tmp_path):
     assert model.threshold is not None
 
 
-def test_texture_statistics_model_trains_frozen_and_reads_low_level_blocks(native_run, raw, tmp_path):
-    """The default's recipe in small: a frozen MobileNetV2's block statistics on a
-    2x2 grid of 128 px native crops, and a linear head trained on cached features."""
-    data, _ = native_run
-    out = tmp_path / "stats"
-    assert main(["train", str(data), "--out", str(out), "--backbone", "mobilenet_v2_stats", "--native",
-                 "--crops", "2", "--image-size", "128", "--views", "2", "--epochs", "3", "--lr", "1e-3",
-                 "--downscale", "0.5", "--jpeg", "0.5", "--batch-size", "8", "--workers", "0",
-                 "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
-    model = imageorigin.load(out / "model.safetensors")
-    meta = model.describe()
-    # Frozen ImageNet blocks: only the head and the metadata travel in the checkpoint.
-    assert meta["backbone"]["name"] == "mobilenet_v2_stats" and meta["backbone"]["weights"] == "imagenet"
-    assert model.head.weight.shape == (3, 144)
-    path = raw / "human/bsds500__real_photo__test_65084.jpg"
-    [p] = imageorigin.predict(model, [path], engine="torch")
-    assert len(p.patches) == 4 and 0 <= p.p_ai <= 1
-    # The 144 features: mean and std over positions of blocks 1, 3 and 6 (16, 24, 32 channels).
-    crops = model.transform(decode_image(path))  # (4, 3, 128, 128)
-    blocks = model.backbone.features.blocks
-    with torch.no_grad():
-        f = model.backbone(crops)  # (4, 144)
-        first = blocks[1](blocks[0](crops))  # (4, 16, 64, 64)
-    assert f.shape == (4, 144)
-    assert torch.allclose(f[:, :16], first.mean((2, 3)), atol=1e-5)
-    assert torch.allclose(f[:, 16:32], first.std((2, 3)), atol=1e-5)
-
-
-def test_feature_cache_key_changes_with_the_statistics_taken():
-    """Same weights, other blocks tapped: cached features of one must never be read for the other."""
-    from imageorigin.backbones import BlockStatistics, build_backbone
-    from imageorigin.engine import module_digest
-
-    backbone = build_backbone("mobilenet_v2_stats", "random")
-    before = module_digest(backbone)
-    backbone.features.TAPS = (1, 3)
-    assert module_digest(backbone) != before
-
-
 def test_families_and_folds():
     assert family({"label": "other_ai", "source": "x/flux", "generator": "FLUX.1-dev (artist styles)"}) \
         == "FLUX.1-dev"

