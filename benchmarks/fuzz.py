@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from fuzz_inputs import DEEP_XMP, ENTITY_BOMB, mutate, seeds, xmp_jpeg  # noqa: E402
+from _server import serve_process  # noqa: E402
 
 from imageorigin.service import _read_upload  # noqa: E402
 
@@ -49,25 +50,10 @@ def _alarm(signum, frame):
 def http_run(pool: list[tuple[str, bytes]], n: int, seed: int) -> dict:
     """N multipart requests of 4 mutated files + 1 good one to a real server."""
     import http.client
-    import socket
-    import subprocess
-    import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "imageorigin.cli", "serve", "--port", str(port),
-                               "--rate-per-minute", "0", "--max-files", "8"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     others = [d for _, d in pool]
     statuses, missing, good_without_verdict = Counter(), 0, 0
-    try:
-        for _ in range(600):
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
+    with serve_process("--rate-per-minute", "0", "--max-files", "8") as (_, port, _server):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         good = pool[0]
         for i in range(n):
@@ -91,9 +77,6 @@ def http_run(pool: list[tuple[str, bytes]], n: int, seed: int) -> dict:
                 results = answer["results"]
                 missing += len(files) - len(results)
                 good_without_verdict += not results[-1].get("verdict")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     return {"requests": n, "files": 5 * n, "status": {str(k): v for k, v in sorted(statuses.items(), key=str)},
             "server_5xx": sum(v for k, v in statuses.items() if isinstance(k, int) and k >= 500),
             "files_without_a_result": missing, "good_files_without_a_verdict": good_without_verdict}

@@ -22,19 +22,15 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 import imageorigin
+from _server import serve_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,22 +154,9 @@ def main() -> None:
     predict_ips = max(runs)
     del model
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     keyed = ["--api-key", args.api_key, "--rate-per-minute", "0"] if args.api_key else []
-    server = subprocess.Popen([sys.executable, "-m", "imageorigin.cli", "serve", "--port", str(port),
-                               "--max-request-bytes", str(8 << 20), *keyed],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                ready = urllib.request.Request(url + "/readyz", headers={"X-API-Key": args.api_key or ""})
-                if urllib.request.urlopen(ready, timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
+    with serve_process("--max-request-bytes", str(8 << 20), *keyed,
+                       headers={"X-API-Key": args.api_key or ""}) as (_, port, server):
         # Warm-up: the engine's and the allocator's first requests grow memory once.
         warm = run_load(port, server.pid, items, args.clients, 300)
         clean = run_load(port, server.pid, items, args.clients, args.requests)
@@ -190,9 +173,6 @@ def main() -> None:
                 hostile_items.append(kinds[n % len(kinds)])
                 n += 1
         hostile = run_load(port, server.pid, hostile_items, args.clients, args.requests)
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
     result = {"authenticated": bool(args.api_key), "hostile_share": round(1 / (args.hostile_every + 1), 3),
               "predict_images_per_s": round(predict_ips, 1),
               "warm_up": {"requests": 300, "rss_mb_first_last_peak": warm["rss_mb_first_last_peak"]},

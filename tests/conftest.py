@@ -58,26 +58,36 @@ def small_folder(tmp_path, bench):
     return make
 
 
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, headers: dict | None = None, seconds: float = 30) -> None:
+    """Wait (up to ``seconds``) until the server at ``url`` answers /readyz with 200."""
+    for _ in range(int(seconds * 10)):
+        try:
+            if urllib.request.urlopen(urllib.request.Request(url + "/readyz", headers=headers or {}),
+                                      timeout=1).status == 200:
+                return
+        except OSError:
+            time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def served(app, headers: dict | None = None):
     """``app`` under a real uvicorn server on a free port of 127.0.0.1, in a thread,
     once /readyz answers (sent with ``headers``); yields (url, port)."""
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if urllib.request.urlopen(urllib.request.Request(url + "/readyz", headers=headers or {}),
-                                      timeout=1).status == 200:
-                break
-        except OSError:
-            time.sleep(0.1)
+    wait_ready(url, headers)
     try:
         yield url, port
     finally:

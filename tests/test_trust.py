@@ -17,7 +17,7 @@ from imageorigin.cli import main
 from imageorigin.images import ImageDecodeError, decode_image
 from imageorigin.service import _read_upload
 
-from conftest import SHARED
+from conftest import SHARED, free_port, wait_ready
 from fuzz_inputs import DEEP_XMP, ENTITY_BOMB, mutate, seeds, xmp_jpeg
 
 SEEDS = seeds(SHARED)
@@ -137,28 +137,20 @@ def test_a_served_damaged_file_shows_what_the_decoder_said(bench, tmp_path):
     """A real `imageorigin serve` process (warnings are routed per process, so not
     the in-process test server): the result and the page say the file is damaged,
     the server's stderr does not."""
-    import socket
     import urllib.request
 
     from playwright.sync_api import sync_playwright
 
     damaged = tmp_path / "damaged_exif.jpg"
     damaged.write_bytes(_corrupt_exif_jpeg(bench))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = tmp_path / "server.log"
     with open(log, "w") as err:
         server = subprocess.Popen([sys.executable, "-m", "imageorigin.cli", "serve", "--port", str(port)],
                                   stdout=err, stderr=err)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if urllib.request.urlopen(url + "/readyz", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
+        wait_ready(url, seconds=60)  # a new process loads the model first
         body = (b'--b\r\nContent-Disposition: form-data; name="files"; filename="damaged_exif.jpg"\r\n'
                 b"Content-Type: image/jpeg\r\n\r\n" + damaged.read_bytes() + b"\r\n--b--\r\n")
         req = urllib.request.Request(url + "/v1/analyze", body, {"Content-Type": "multipart/form-data; boundary=b"})
