@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import imageorigin
-from imageorigin import backbones
 from imageorigin.cli import main
 from imageorigin.data import DataFolderError, scan_folder
 from imageorigin.data import stratified_split as split
@@ -229,23 +228,3 @@ def test_resume_refuses_nothing_to_resume_and_extra_arguments(tmp_path, capsys):
     assert "nothing to resume" in capsys.readouterr().err
     assert main(["train", str(tmp_path), "--resume", str(tmp_path)]) == 2
     assert "give no DATA_DIR" in capsys.readouterr().err
-
-
-def test_freeze_blocks_keeps_the_first_blocks_as_they_were(small_folder, tmp_path, capsys):
-    """--freeze-blocks 7: blocks 0-6 (weights and BatchNorm statistics) leave training
-    exactly as ImageNet gave them; the later blocks and the head are trained."""
-    data = small_folder(12, view="native/train")
-    args = ["train", str(data), "--backbone", "mobilenet_v2", "--finetune", "--native", "--image-size", "96",
-            "--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--no-samples", "--quiet"]
-    assert main(args + ["--freeze-blocks", "7", "--out", str(tmp_path / "run")]) == 0
-    trained = imageorigin.load(tmp_path / "run/model.safetensors").backbone.features
-    start = backbones.build_backbone("mobilenet_v2").features
-    for i, (a, b) in enumerate(zip(trained, start)):
-        same = all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-        assert same == (i < 7), f"block {i}"
-    card = (tmp_path / "run/MODEL_CARD.md").read_text()
-    assert "first 7 blocks frozen" in card
-    assert main(args[:4] + ["--freeze-blocks", "3", "--out", str(tmp_path / "no")]) == 2
-    assert "needs --finetune" in capsys.readouterr().err
-    assert main(args + ["--freeze-blocks", "19", "--out", str(tmp_path / "big")]) == 2
-    assert "has only 19 blocks" in capsys.readouterr().err

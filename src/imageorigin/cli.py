@@ -231,8 +231,6 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=d.weights,
                    help="backbone weights: 'imagenet', 'random' or a state dict file (default: %(default)s)")
     p.add_argument("--finetune", action="store_true", help="train the whole backbone, not only the head")
-    p.add_argument("--freeze-blocks", type=int, default=d.freeze_blocks, metavar="N",
-                   help="with --finetune: keep the backbone's first N blocks at their starting weights")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training data")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per optimiser step")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate (the peak, with onecycle)")

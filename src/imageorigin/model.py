@@ -106,7 +106,6 @@ class Classifier(Scoring, nn.Module):
         self.labels = list(labels)
         self.backbone_weights = str(backbone_weights)
         self.frozen = True
-        self.frozen_blocks = 0  # fine-tuning: how many of the first blocks stay as they were
         self.display_names = {l: (display_names or DISPLAY_NAMES).get(l, l) for l in self.labels}
         self.human_label = human_label if human_label in self.labels else None
         spec = backbones.get_spec(backbone.name)
@@ -127,7 +126,7 @@ class Classifier(Scoring, nn.Module):
         return self.head(self.backbone(x))
 
     def train(self, mode: bool = True) -> "Classifier":
-        """Like nn.Module.train, but a frozen backbone (or frozen blocks) always stays in eval mode.
+        """Like nn.Module.train, but a frozen backbone always stays in eval mode.
 
         Its BatchNorm running statistics would otherwise drift during head
         training even though no weight is updated.
@@ -135,8 +134,6 @@ class Classifier(Scoring, nn.Module):
         super().train(mode)
         if self.frozen:
             self.backbone.eval()
-        else:
-            self.backbone.features[: self.frozen_blocks].eval()
         return self
 
     def describe(self) -> dict:

@@ -59,9 +59,6 @@ class TrainConfig:
     backbone: str = "densenet121"
     weights: str = "imagenet"  # "imagenet", "random" or a path to a state dict file
     finetune: bool = False  # train the whole backbone too (the seed freezes it)
-    # With finetune: keep the backbone's first N blocks (``features[:N]``) at
-    # their starting weights, so the early, pixel-level filters stay general.
-    freeze_blocks: int = 0
     epochs: int = 15
     batch_size: int = 32
     lr: float = 1e-4
@@ -138,9 +135,6 @@ def train(
     if distributed and cfg.feature_cache and not cfg.finetune:
         raise ValueError("--ddp splits the image loop (--finetune, or --no-cache): the frozen "
                          "recipe trains its head on cached features in seconds")
-    if cfg.freeze_blocks and not cfg.finetune:
-        raise ValueError("--freeze-blocks keeps the first blocks of a fine-tuned backbone as they "
-                         "were: it needs --finetune")
     if ddp > 1 and not dist.is_initialized():
         return _spawn(ddp, data, out_dir, cfg, val, progress, manifest, resume)
     rank, world = _process_group()
@@ -172,13 +166,9 @@ def train(
         print(f"imageorigin: warning: {note}", file=sys.stderr)
     dev = device() if world == 1 or not torch.cuda.is_available() else torch.device("cuda", _local_rank())
     model.to(dev)
-    if cfg.freeze_blocks >= len(model.backbone.features):
-        raise ValueError(f"--freeze-blocks {cfg.freeze_blocks}: {model.backbone.name} has only "
-                         f"{len(model.backbone.features)} blocks")
     model.frozen = not cfg.finetune
-    model.frozen_blocks = cfg.freeze_blocks if cfg.finetune else 0
-    for i, block in enumerate(model.backbone.features):
-        block.requires_grad_(cfg.finetune and i >= model.frozen_blocks)
+    for p in model.backbone.parameters():
+        p.requires_grad_(cfg.finetune)
 
     augment = {"flip": cfg.flip, "rotation": cfg.rotation, "color_jitter": cfg.color_jitter,
                "downscale": cfg.downscale, "blur": cfg.blur, "noise": cfg.noise, "jpeg": cfg.jpeg,
@@ -678,7 +668,6 @@ def _info(cfg, train_set, val_set, val_given, calib_set, history, best, skipped,
         "training": {
             **asdict(cfg),
             "recipe": ("fine-tuned backbone" if cfg.finetune else "frozen backbone (eval mode)")
-            + (f" (first {cfg.freeze_blocks} blocks frozen)" if cfg.finetune and cfg.freeze_blocks else "")
             + ("" if cache_stats is None else f", head trained on {cfg.views} cached augmented views")
             + f", linear head, {'AdamW' if cfg.weight_decay else 'Adam'}, cross-entropy",
             "data_dir": ", ".join(roots),
