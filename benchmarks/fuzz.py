@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from fuzz_inputs import DEEP_XMP, ENTITY_BOMB, mutate, seeds, xmp_jpeg  # noqa: E402
-from _server import serve_process  # noqa: E402
+from serving import serve_process  # noqa: E402
 
 from imageorigin.service import _read_upload  # noqa: E402
 

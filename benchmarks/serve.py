@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import threading
 import time
 import zlib
@@ -29,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-import imageorigin
-from _server import serve_process
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import imageorigin  # noqa: E402
+from serving import serve_process  # noqa: E402
 
 
 def _multipart(name: str, data: bytes) -> tuple[bytes, str]:

@@ -3,14 +3,13 @@
 import contextlib
 import os
 import shutil
-import socket
 import tempfile
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from serving import free_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMAGEORIGIN_SHARED", REPO.parent / "shared"))
@@ -56,24 +55,6 @@ def small_folder(tmp_path, bench):
         return root
 
     return make
-
-
-def free_port() -> int:
-    """A port of 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, headers: dict | None = None, seconds: float = 30) -> None:
-    """Wait (up to ``seconds``) until the server at ``url`` answers /readyz with 200."""
-    for _ in range(int(seconds * 10)):
-        try:
-            if urllib.request.urlopen(urllib.request.Request(url + "/readyz", headers=headers or {}),
-                                      timeout=1).status == 200:
-                return
-        except OSError:
-            time.sleep(0.1)
 
 
 @contextlib.contextmanager

@@ -17,8 +17,9 @@ from imageorigin.cli import main
 from imageorigin.images import ImageDecodeError, decode_image
 from imageorigin.service import _read_upload
 
-from conftest import SHARED, free_port, wait_ready
+from conftest import SHARED
 from fuzz_inputs import DEEP_XMP, ENTITY_BOMB, mutate, seeds, xmp_jpeg
+from serving import serve_process
 
 SEEDS = seeds(SHARED)
 
@@ -143,14 +144,8 @@ def test_a_served_damaged_file_shows_what_the_decoder_said(bench, tmp_path):
 
     damaged = tmp_path / "damaged_exif.jpg"
     damaged.write_bytes(_corrupt_exif_jpeg(bench))
-    port = free_port()
     log = tmp_path / "server.log"
-    with open(log, "w") as err:
-        server = subprocess.Popen([sys.executable, "-m", "imageorigin.cli", "serve", "--port", str(port)],
-                                  stdout=err, stderr=err)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, seconds=60)  # a new process loads the model first
+    with open(log, "w") as output, serve_process(output=output) as (url, _, _):
         body = (b'--b\r\nContent-Disposition: form-data; name="files"; filename="damaged_exif.jpg"\r\n'
                 b"Content-Type: image/jpeg\r\n\r\n" + damaged.read_bytes() + b"\r\n--b--\r\n")
         req = urllib.request.Request(url + "/v1/analyze", body, {"Content-Type": "multipart/form-data; boundary=b"})
@@ -167,7 +162,4 @@ def test_a_served_damaged_file_shows_what_the_decoder_said(bench, tmp_path):
             assert "The file is damaged; the decoder said: Tag data larger than file. Skipping tag 270" \
                 in page.inner_text("article.card")
             browser.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     assert "Tag data" not in log.read_text()
