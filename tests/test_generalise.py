@@ -145,13 +145,26 @@ def test_families_and_folds():
         assert kinds == {True, False}
 
 
-def test_grouped_kfold_holds_every_family_out_once(bench, tmp_path):
+def test_grouped_kfold_holds_every_family_out_once(bench, tmp_path, capsys):
     out = tmp_path / "kfold"
-    assert main(["crossval", str(bench / "native/val"), "--reference", str(bench / "resized/val"),
-                 "--manifest", str(bench / "manifest.csv"), "--folds", "3", "--group-by", "family",
-                 "--backbone", "mobilenet_v2", "--epochs", "2", "--lr", "1e-3",
-                 "--out", str(out), "--quiet"]) == 0
+    args = ["crossval", str(bench / "native/val"), "--reference", str(bench / "resized/val"),
+            "--manifest", str(bench / "manifest.csv"), "--folds", "3", "--group-by", "family",
+            "--backbone", "mobilenet_v2", "--epochs", "2", "--lr", "1e-3", "--out", str(out), "--quiet"]
+    # One fold first (as when repeating a fold with another seed) ...
+    assert main(args + ["--only-folds", "2"]) == 0
+    first = json.loads((out / "crossval.json").read_text())
+    assert [f["fold"] for f in first["folds"]] == ["fold 2"] and {r["fold"] for r in first["sources"]} == {"fold 2"}
+    assert "Only fold 2 of 3 were run" in (out / "crossval.md").read_text()
+    fold_2 = (out / "fold_2" / "model.safetensors").stat().st_mtime_ns
+    # ... then the rest: --resume keeps fold 2 as it was and trains folds 1 and 3.
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    assert "fold 2: kept from the earlier run" in capsys.readouterr().err
+    assert (out / "fold_2" / "model.safetensors").stat().st_mtime_ns == fold_2
     result = json.loads((out / "crossval.json").read_text())
+    assert [f["fold"] for f in result["folds"]] == ["fold 1", "fold 2", "fold 3"]
+    assert [r for r in result["sources"] if r["fold"] == "fold 2"] == first["sources"]
+    assert "Only" not in (out / "crossval.md").read_text()
     assert result["method"] == "grouped 3-fold by family"
     held = [g for f in result["folds"] for g in f["held_out"]]
     assert len(held) == len(set(held))  # each family in exactly one fold
@@ -164,3 +177,17 @@ def test_grouped_kfold_holds_every_family_out_once(bench, tmp_path):
     assert result["max_human_flagged"] == max(r["flagged_rate"] for r in rows if r["label"] == ["human"])
     md = (out / "crossval.md").read_text()
     assert "grouped 3-fold by family" in md and "- fold 1: " in md
+
+    # Interrupted after fold 3 was trained, before its figures were written: the
+    # fold's model comes back from its resume state, without training again.
+    interrupted = dict(result, folds=result["folds"][:2],
+                       sources=[r for r in result["sources"] if r["fold"] != "fold 3"])
+    (out / "crossval.json").write_text(json.dumps(interrupted))
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "fold 1: kept" in err and "fold 2: kept" in err and "resuming" in err and "after epoch 2 of 2" in err
+    again = json.loads((out / "crossval.json").read_text())
+    assert again["sources"] == result["sources"] and again["mean_auc"] == result["mean_auc"]
+    assert main(args + ["--only-folds", "4"]) == 2
+    assert "no fold 4" in capsys.readouterr().err

@@ -86,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: a seeded 20%% split of DATA_DIR)")
     c.add_argument("--source", dest="sources", action="append", metavar="NAME",
                    help="only this held-out source (repeatable; default: every source)")
+    c.add_argument("--only-folds", dest="only", type=int, nargs="+", metavar="N",
+                   help="with --folds K: run only these folds (1 to K), e.g. to repeat one with another seed")
+    c.add_argument("--resume", action="store_true",
+                   help="continue a run in --out made with the same settings: keep the folds it "
+                        "finished, and go on from the last completed epoch of the one it was training")
     c.add_argument("--out", required=True, metavar="DIR", help="folder for crossval.json, crossval.md and each fold")
     _add_train_options(c)
     c.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -313,7 +318,7 @@ def _train(args) -> int:
 def _crossval(args) -> int:
     result = crossval(args.data_dir, args.manifest, args.out, _config(args), reference=args.reference,
                       sources=args.sources, progress=not args.quiet, folds=args.folds,
-                      group_by=args.group_by)
+                      group_by=args.group_by, only=args.only, resume=args.resume)
     print(to_markdown(result))
     print(f"wrote {args.out}/crossval.json and {args.out}/crossval.md")
     return 0

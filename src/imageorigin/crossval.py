@@ -19,8 +19,10 @@ false-accusation rate a moderator would meet.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ from .data import (LabelledFolder, manifest_name, match_manifest, read_manifest,
 from .evaluate import UNKNOWN_SOURCE, figures
 from .fileio import write_json, write_text
 from .predict import predict
-from .train import TrainConfig, train
+from .train import TrainConfig, can_resume, train
 
 GROUP_BY = ("source", "family")
 
@@ -79,6 +81,8 @@ def crossval(
     progress: bool = False,
     folds: int = 0,
     group_by: str = "source",
+    only: list[int] | None = None,
+    resume: bool = False,
 ) -> dict:
     """Leave-one-source-out (``folds=0``) or grouped k-fold over the sources named in
     ``manifest`` (one CSV or several; ``source`` column, and ``generator`` for
@@ -88,8 +92,13 @@ def crossval(
     each fold's validation data (k-fold: those of the fold's held-out groups are
     tested too; leave-one-source-out: the other kind in each test set). Default:
     a seeded 20% split of ``data``.  ``sources`` limits leave-one-source-out to
-    these.  Writes ``crossval.json`` (after every fold, so an interrupted run
-    keeps what it finished) and ``crossval.md`` to ``out_dir``; returns the table.
+    these, ``only`` k-fold to these fold numbers (1 to k).  Writes
+    ``crossval.json`` (after every fold, so an interrupted run keeps what it
+    finished) and ``crossval.md`` to ``out_dir``; returns the table.
+    ``resume=True`` continues a run in ``out_dir`` made with the same settings:
+    a fold it finished is kept as it is (with ``only``, those outside it too),
+    and a fold it was training goes on from its last completed epoch
+    (:func:`imageorigin.train.train`'s resume).
     """
     if group_by not in GROUP_BY:
         raise ValueError(f"unknown group_by {group_by!r}; choose one of: {', '.join(GROUP_BY)}")
@@ -117,10 +126,15 @@ def crossval(
         known = key != UNKNOWN_SOURCE
         groups = {g: (bool(is_human[key == g][0]), int((key == g).sum())) for g in sorted(set(key[known]))}
         fold_of = assign_folds(groups, folds, cfg.seed)
+        if any(not 1 <= f <= folds for f in only or []):
+            raise ValueError(f"folds are numbered 1 to {folds}: no fold {', '.join(map(str, only))}")
         for f in range(folds):
             held = np.array([fold_of.get(g, -1) == f for g in key])
             plan.append((f"fold {f + 1}", held, held, sorted(g for g, v in fold_of.items() if v == f)))
     else:
+        if only:
+            raise ValueError("only (--only-folds) picks folds of a grouped k-fold (--folds K); "
+                             "leave-one-source-out picks sources (--source)")
         for source in sources or sorted(set(src) - {UNKNOWN_SOURCE}):
             held = src == source
             kinds = set(is_human[held])
@@ -128,11 +142,20 @@ def crossval(
             plan.append((source, held, test, [source]))
 
     table, fold_rows = [], []
+    done = _finished(out, _summary([], [], cfg, manifest, folds, group_by)) if resume else {}
     for name, held, test, groups_held in plan:
+        if done.get(name, ({}, None))[0].get("held_out") == groups_held:
+            print(f"imageorigin: {name}: kept from the earlier run in {out}", file=sys.stderr)
+            fold_rows.append(done[name][0])
+            table += done[name][1]
+            continue
+        if only and int(name.split()[-1]) not in only:
+            continue
         pick = lambda mask: [s for s, m in zip(samples, mask) if m]  # noqa: E731
         train_set = LabelledFolder(pool.root, pool.classes, pick(~held & ~in_ref))
         val_set = LabelledFolder(ref.root, ref.classes, pick(~held & in_ref))
-        model = train(train_set, out / _slug(name), cfg, val=val_set, progress=progress)
+        model = train(train_set, out / _slug(name), cfg, val=val_set, progress=progress,
+                      resume=resume and can_resume(out / _slug(name), cfg))
         idx = np.flatnonzero(test)
         preds = list(predict(model, [samples[i][0] for i in idx], batch_size=cfg.batch_size,
                              num_workers=cfg.num_workers))
@@ -170,6 +193,18 @@ def crossval(
     write_json(out / "crossval.json", result)
     write_text(out / "crossval.md", to_markdown(result))
     return result
+
+
+def _finished(out: Path, settings: dict) -> dict[str, tuple[dict, list[dict]]]:
+    """The folds an earlier run in ``out`` finished with the same ``settings``
+    (method, manifest, training config): fold name -> (fold row, its sources' rows)."""
+    try:
+        earlier = json.loads((out / "crossval.json").read_text())
+    except FileNotFoundError:
+        return {}
+    if any(earlier.get(k) != json.loads(json.dumps(settings[k])) for k in ("method", "manifest", "config")):
+        return {}
+    return {f["fold"]: (f, [r for r in earlier["sources"] if r["fold"] == f["fold"]]) for f in earlier["folds"]}
 
 
 def _slug(name: str) -> str:
@@ -221,6 +256,10 @@ def to_markdown(result: dict) -> str:
                      + f" {r['n_held_out']} | {fmt(r['auc'])} | {fmt(r['accuracy'])} | "
                      f"{fmt(r['flagged_rate'])} |")
     if kfold:
+        k = int(result["method"].split()[1].split("-")[0])
+        if len(result["folds"]) < k:
+            lines += ["", f"Only {', '.join(f['fold'] for f in result['folds'])} of {k} were run: "
+                      "the means above are over their sources alone."]
         lines += ["", "Folds (held-out groups):", ""]
         lines += [f"- {f['fold']}: {', '.join(f['held_out'])}" for f in result["folds"]]
     return "\n".join(lines) + "\n"

@@ -361,6 +361,12 @@ def _resume_state(path: Path, tensors: bool = True) -> tuple[dict, dict]:
                 {k: f.get_tensor(k) for k in f.keys()} if tensors else {})
 
 
+def can_resume(run_dir: str | os.PathLike, cfg: TrainConfig) -> bool:
+    """Whether ``run_dir`` holds an interrupted run's state written with these settings."""
+    path = Path(run_dir) / RESUME_FILE
+    return path.is_file() and _resume_state(path, tensors=False)[0]["config"] == json.loads(json.dumps(asdict(cfg)))
+
+
 def _restore(path: Path, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, generator):
     """Load a :func:`_checkpoint` into the run's objects; returns (history, best,
     best_state, skipped).  Refuses a state written with other settings."""
