@@ -156,6 +156,10 @@ def test_grouped_kfold_holds_every_family_out_once(bench, tmp_path, capsys):
     assert [f["fold"] for f in first["folds"]] == ["fold 2"] and {r["fold"] for r in first["sources"]} == {"fold 2"}
     assert "Only fold 2 of 3 were run" in (out / "crossval.md").read_text()
     fold_2 = (out / "fold_2" / "model.safetensors").stat().st_mtime_ns
+    # Another training seed, the same folds.
+    assert main(args[:-3] + ["--out", str(tmp_path / "seed1"), "--quiet", "--only-folds", "2", "--seed", "1"]) == 0
+    other = json.loads((tmp_path / "seed1" / "crossval.json").read_text())
+    assert other["folds"][0]["held_out"] == first["folds"][0]["held_out"] and other["config"]["seed"] == 1
     # ... then the rest: --resume keeps fold 2 as it was and trains folds 1 and 3.
     capsys.readouterr()
     assert main(args + ["--resume"]) == 0

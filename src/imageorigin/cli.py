@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="only this held-out source (repeatable; default: every source)")
     c.add_argument("--only-folds", dest="only", type=int, nargs="+", metavar="N",
                    help="with --folds K: run only these folds (1 to K), e.g. to repeat one with another seed")
+    c.add_argument("--fold-seed", type=int, default=0,
+                   help="seed that deals the groups into folds (the same folds whatever --seed trains with)")
     c.add_argument("--resume", action="store_true",
                    help="continue a run in --out made with the same settings: keep the folds it "
                         "finished, and go on from the last completed epoch of the one it was training")
@@ -318,7 +320,8 @@ def _train(args) -> int:
 def _crossval(args) -> int:
     result = crossval(args.data_dir, args.manifest, args.out, _config(args), reference=args.reference,
                       sources=args.sources, progress=not args.quiet, folds=args.folds,
-                      group_by=args.group_by, only=args.only, resume=args.resume)
+                      group_by=args.group_by, only=args.only, resume=args.resume,
+                      fold_seed=args.fold_seed)
     print(to_markdown(result))
     print(f"wrote {args.out}/crossval.json and {args.out}/crossval.md")
     return 0

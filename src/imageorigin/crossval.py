@@ -7,7 +7,8 @@ Two ways to hold sources out, both scored the same way:
   (human vs AI) that no fold trained on;
 - grouped k-fold (``folds=k``): sources are put into groups (``group_by``:
   each ``source``, or each ``family``, see :func:`family`) and the groups into k
-  folds, fixed by a seed and recorded; each fold is held out once: train on the
+  folds, fixed by their own seed (not the training seed, so that a recipe can
+  be repeated with other training seeds on the same folds) and recorded; each fold is held out once: train on the
   rest, then score each of the fold's sources against the fold's images of the
   other kind, which the model never saw either.
 
@@ -83,6 +84,7 @@ def crossval(
     group_by: str = "source",
     only: list[int] | None = None,
     resume: bool = False,
+    fold_seed: int = 0,
 ) -> dict:
     """Leave-one-source-out (``folds=0``) or grouped k-fold over the sources named in
     ``manifest`` (one CSV or several; ``source`` column, and ``generator`` for
@@ -92,7 +94,8 @@ def crossval(
     each fold's validation data (k-fold: those of the fold's held-out groups are
     tested too; leave-one-source-out: the other kind in each test set). Default:
     a seeded 20% split of ``data``.  ``sources`` limits leave-one-source-out to
-    these, ``only`` k-fold to these fold numbers (1 to k).  Writes
+    these, ``only`` k-fold to these fold numbers (1 to k); ``fold_seed`` orders
+    the groups of equal size that are dealt into folds.  Writes
     ``crossval.json`` (after every fold, so an interrupted run keeps what it
     finished) and ``crossval.md`` to ``out_dir``; returns the table.
     ``resume=True`` continues a run in ``out_dir`` made with the same settings:
@@ -125,7 +128,7 @@ def crossval(
                         for r in matched])
         known = key != UNKNOWN_SOURCE
         groups = {g: (bool(is_human[key == g][0]), int((key == g).sum())) for g in sorted(set(key[known]))}
-        fold_of = assign_folds(groups, folds, cfg.seed)
+        fold_of = assign_folds(groups, folds, fold_seed)
         if any(not 1 <= f <= folds for f in only or []):
             raise ValueError(f"folds are numbered 1 to {folds}: no fold {', '.join(map(str, only))}")
         for f in range(folds):
