@@ -35,6 +35,18 @@ RULES = {
 }
 
 
+def held_out_aucs(source: np.ndarray, ai: np.ndarray, score: np.ndarray) -> list[float]:
+    """A fold's AUC per held-out source, as cross-validation computes it: each
+    source's images against the fold's held-out images of the other kind.
+    ``source`` (N,) names, ``ai`` (N,) bool, ``score`` (N,) p_ai; sources in sorted order."""
+    out = []
+    for name in sorted(set(source)):
+        mine = source == name
+        scored = mine | (ai != ai[mine][0])
+        out.append(figures(np.ones(scored.sum(), bool), ai[scored], score[scored], None)["ai_vs_human_auc"])
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("kfold_dir", type=Path)
@@ -51,12 +63,8 @@ def main() -> None:
         src = np.array([r[1] for r in rows])
         ai = np.array([r[2] != "human" for r in rows])
         for rule, pool in RULES.items():
-            score = np.array([q.p_ai if pool is None else pool(c) for q, c in zip(preds, crops)])
-            for source in sorted(set(src)):
-                mine = src == source
-                scored = mine | (ai != ai[mine][0])
-                aucs[rule].append(figures(np.ones(scored.sum(), bool), ai[scored], score[scored],
-                                          None)["ai_vs_human_auc"])
+            aucs[rule] += held_out_aucs(src, ai, np.array([q.p_ai if pool is None else pool(c)
+                                                           for q, c in zip(preds, crops)]))
         print(f"{fold['fold']} done", file=sys.stderr, flush=True)
     table = {rule: {"mean_auc": round(float(np.mean(a)), 4), "min_auc": round(float(np.min(a)), 4),
                     "sources": len(a)} for rule, a in aucs.items()}
