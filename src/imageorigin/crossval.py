@@ -8,9 +8,10 @@ Two ways to hold sources out, both scored the same way:
 - grouped k-fold (``folds=k``): sources are put into groups (``group_by``:
   each ``source``, or each ``family``, see :func:`family`) and the groups into k
   folds, fixed by their own seed (not the training seed, so that a recipe can
-  be repeated with other training seeds on the same folds) and recorded; each fold is held out once: train on the
-  rest, then score each of the fold's sources against the fold's images of the
-  other kind, which the model never saw either.
+  be repeated with other training seeds on the same folds) and recorded; each
+  fold is held out once: train on the rest, then score each of the fold's
+  sources against the fold's images of the other kind, which the model never
+  saw either.
 
 The AUC of p_ai on such a set is the honest estimate of how a model trained
 this way ranks images from a new generator or a new kind of human art, and the
@@ -129,8 +130,9 @@ def crossval(
         known = key != UNKNOWN_SOURCE
         groups = {g: (bool(is_human[key == g][0]), int((key == g).sum())) for g in sorted(set(key[known]))}
         fold_of = assign_folds(groups, folds, fold_seed)
-        if any(not 1 <= f <= folds for f in only or []):
-            raise ValueError(f"folds are numbered 1 to {folds}: no fold {', '.join(map(str, only))}")
+        missing = [str(f) for f in only or [] if not 1 <= f <= folds]
+        if missing:
+            raise ValueError(f"folds are numbered 1 to {folds}: there is no fold {', '.join(missing)}")
         for f in range(folds):
             held = np.array([fold_of.get(g, -1) == f for g in key])
             plan.append((f"fold {f + 1}", held, held, sorted(g for g, v in fold_of.items() if v == f)))
