@@ -1,0 +1,62 @@
+"""How a k-fold run's models do at each stored operating point, on their held-out sources.
+
+    python benchmarks/cut_rates.py runs/kfold [--out FILE.json]
+
+Each fold model stores the p_ai cuts that flag 1%, 2%, 5% and 10% of its own
+calibration humans (``info.thresholds_at_fpr``). Applied to the fold's held-out
+images (its ``test_scores.csv``), each cut gives, per held-out source, the share
+flagged as AI: for a human source the false accusations a moderator would meet,
+for an AI source the detection rate. Prints, per cut, the mean and the worst
+human source and the mean AI source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+import imageorigin  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("kfold_dir", type=Path)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    result = json.loads((args.kfold_dir / "crossval.json").read_text())
+    human: dict[str, list[tuple[float, str]]] = {}
+    ai: dict[str, list[float]] = {}
+    for fold in result["folds"]:
+        fold_dir = args.kfold_dir / fold["fold"].replace(" ", "_")
+        cuts = imageorigin.load(fold_dir / "model.safetensors").info["thresholds_at_fpr"]
+        with open(fold_dir / "test_scores.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        for held in (s for s in result["sources"] if s["fold"] == fold["fold"]):
+            p_ai = np.array([float(r["p_ai"]) for r in rows if r["source"] == held["source"]])
+            for fpr, cut in cuts.items():
+                rate = float(np.mean(p_ai >= cut))
+                if held["label"] == ["human"]:
+                    human.setdefault(fpr, []).append((rate, held["source"]))
+                else:
+                    ai.setdefault(fpr, []).append(rate)
+    table = {fpr: {"humans_flagged_mean": round(float(np.mean([r for r, _ in human[fpr]])), 4),
+                   "humans_flagged_worst": round(max(human[fpr])[0], 4), "worst_source": max(human[fpr])[1],
+                   "ai_detected_mean": round(float(np.mean(ai[fpr])), 4),
+                   "human_sources": len(human[fpr]), "ai_sources": len(ai[fpr])}
+             for fpr in sorted(human, key=float)}
+    text = json.dumps({"kfold_dir": str(args.kfold_dir), "cuts": table}, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
