@@ -7,9 +7,20 @@ import tempfile
 import threading
 from pathlib import Path
 
+import anyio
 import pytest
 
 from serving import free_port, wait_ready
+
+# anyio imports its parts on first use, and pytest rewrites the asserts of every
+# module of a plugin's package (anyio is one): a first use inside a server's
+# thread (the first file response reads through anyio.open_file) then runs
+# ast.parse in that thread, which CPython 3.11 sometimes fails with "SystemError:
+# AST constructor recursion depth mismatch" (python/cpython#106905; seen once in
+# CI here). Importing every part now, on the main thread, leaves none to import there.
+for _name in dir(anyio):
+    if not _name.startswith("_"):
+        getattr(anyio, _name)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMAGEORIGIN_SHARED", REPO.parent / "shared"))
