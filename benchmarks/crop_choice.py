@@ -18,21 +18,15 @@ AUC per choice, overall and per fold.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(Path(__file__).parent))
+from kfold_runs import folds, held_out_aucs, report
 
-import imageorigin  # noqa: E402
-from imageorigin.data import eval_transform  # noqa: E402
+from imageorigin.data import eval_transform  # noqa: E402  (on the path through kfold_runs)
 from imageorigin.images import decode_image  # noqa: E402
-from pooling_rules import held_out_aucs  # noqa: E402
 
 
 def _grid(side: int, rows) -> list[int]:
@@ -86,29 +80,16 @@ def main() -> None:
     p.add_argument("--only-folds", type=int, nargs="+", metavar="N")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    result = json.loads((args.kfold_dir / "crossval.json").read_text())
     aucs: dict[str, dict[str, list[float]]] = {}
-    for fold in result["folds"]:
-        if args.only_folds and int(fold["fold"].split()[-1]) not in args.only_folds:
-            continue
-        fold_dir = args.kfold_dir / fold["fold"].replace(" ", "_")
-        rows = [line.split(",") for line in (fold_dir / "test_scores.csv").read_text().splitlines()[1:]]
-        model = imageorigin.load(fold_dir / "model.safetensors").eval()
-        scored = fold_scores(model, [r[0] for r in rows])
-        src, ai = np.array([r[1] for r in rows]), np.array([r[2] != "human" for r in rows])
-        for name, score in scored.items():
-            aucs.setdefault(name, {})[fold["fold"]] = held_out_aucs(src, ai, score)
-        print(f"{fold['fold']} done", file=sys.stderr, flush=True)
+    for fold, rows, model in folds(args.kfold_dir, args.only_folds):
+        for name, score in fold_scores(model, [r["path"] for r in rows]).items():
+            aucs.setdefault(name, {})[fold["fold"]] = held_out_aucs(rows, score)
     table = {name: {"mean_auc": round(float(np.mean(sum(f.values(), []))), 4),
                     "min_auc": round(float(np.min(sum(f.values(), []))), 4),
                     "sources": len(sum(f.values(), [])),
                     "per_fold_mean_auc": {k: round(float(np.mean(v)), 4) for k, v in f.items()}}
              for name, f in aucs.items()}
-    text = json.dumps({"kfold_dir": str(args.kfold_dir), "choices": table}, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-
+    report({"kfold_dir": str(args.kfold_dir), "choices": table}, args.out)
 
 if __name__ == "__main__":
     main()

@@ -13,17 +13,11 @@ human source and the mean AI source.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-import imageorigin  # noqa: E402
+from kfold_runs import folds, report
 
 
 def main() -> None:
@@ -31,17 +25,12 @@ def main() -> None:
     p.add_argument("kfold_dir", type=Path)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    result = json.loads((args.kfold_dir / "crossval.json").read_text())
     human: dict[str, list[tuple[float, str]]] = {}
     ai: dict[str, list[float]] = {}
-    for fold in result["folds"]:
-        fold_dir = args.kfold_dir / fold["fold"].replace(" ", "_")
-        cuts = imageorigin.load(fold_dir / "model.safetensors").info["thresholds_at_fpr"]
-        with open(fold_dir / "test_scores.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-        for held in (s for s in result["sources"] if s["fold"] == fold["fold"]):
+    for fold, rows, model in folds(args.kfold_dir):
+        for held in fold["sources"]:
             p_ai = np.array([float(r["p_ai"]) for r in rows if r["source"] == held["source"]])
-            for fpr, cut in cuts.items():
+            for fpr, cut in model.info["thresholds_at_fpr"].items():
                 rate = float(np.mean(p_ai >= cut))
                 if held["label"] == ["human"]:
                     human.setdefault(fpr, []).append((rate, held["source"]))
@@ -52,11 +41,7 @@ def main() -> None:
                    "ai_detected_mean": round(float(np.mean(ai[fpr])), 4),
                    "human_sources": len(human[fpr]), "ai_sources": len(ai[fpr])}
              for fpr in sorted(human, key=float)}
-    text = json.dumps({"kfold_dir": str(args.kfold_dir), "cuts": table}, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-
+    report({"kfold_dir": str(args.kfold_dir), "cuts": table}, args.out)
 
 if __name__ == "__main__":
     main()

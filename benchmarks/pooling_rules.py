@@ -14,17 +14,13 @@ cross-validation does; prints the mean and worst AUC per rule.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from kfold_runs import folds, held_out_aucs, report
 
-import imageorigin  # noqa: E402
-from imageorigin.evaluate import figures  # noqa: E402
+import imageorigin  # noqa: E402  (on the path through kfold_runs)
 
 RULES = {
     "mean logit (model)": None,
@@ -35,44 +31,21 @@ RULES = {
 }
 
 
-def held_out_aucs(source: np.ndarray, ai: np.ndarray, score: np.ndarray) -> list[float]:
-    """A fold's AUC per held-out source, as cross-validation computes it: each
-    source's images against the fold's held-out images of the other kind.
-    ``source`` (N,) names, ``ai`` (N,) bool, ``score`` (N,) p_ai; sources in sorted order."""
-    out = []
-    for name in sorted(set(source)):
-        mine = source == name
-        scored = mine | (ai != ai[mine][0])
-        out.append(figures(np.ones(scored.sum(), bool), ai[scored], score[scored], None)["ai_vs_human_auc"])
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("kfold_dir", type=Path)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    result = json.loads((args.kfold_dir / "crossval.json").read_text())
     aucs: dict[str, list[float]] = {rule: [] for rule in RULES}
-    for fold in result["folds"]:
-        fold_dir = args.kfold_dir / fold["fold"].replace(" ", "_")
-        rows = [line.split(",") for line in (fold_dir / "test_scores.csv").read_text().splitlines()[1:]]
-        model = imageorigin.load(fold_dir / "model.safetensors")
-        preds = list(imageorigin.predict(model, [r[0] for r in rows]))
+    for _, rows, model in folds(args.kfold_dir):
+        preds = list(imageorigin.predict(model, [r["path"] for r in rows]))
         crops = [np.array([c["p_ai"] for c in q.patches]) for q in preds]
-        src = np.array([r[1] for r in rows])
-        ai = np.array([r[2] != "human" for r in rows])
         for rule, pool in RULES.items():
-            aucs[rule] += held_out_aucs(src, ai, np.array([q.p_ai if pool is None else pool(c)
-                                                           for q, c in zip(preds, crops)]))
-        print(f"{fold['fold']} done", file=sys.stderr, flush=True)
-    table = {rule: {"mean_auc": round(float(np.mean(a)), 4), "min_auc": round(float(np.min(a)), 4),
-                    "sources": len(a)} for rule, a in aucs.items()}
-    text = json.dumps({"kfold_dir": str(args.kfold_dir), "rules": table}, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-
+            aucs[rule] += held_out_aucs(rows, np.array([q.p_ai if pool is None else pool(c)
+                                                        for q, c in zip(preds, crops)]))
+    report({"kfold_dir": str(args.kfold_dir),
+            "rules": {rule: {"mean_auc": round(float(np.mean(a)), 4), "min_auc": round(float(np.min(a)), 4),
+                             "sources": len(a)} for rule, a in aucs.items()}}, args.out)
 
 if __name__ == "__main__":
     main()
