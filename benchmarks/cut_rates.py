@@ -24,10 +24,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("kfold_dir", type=Path)
     p.add_argument("--out", type=Path)
+    p.add_argument("--only-folds", type=int, nargs="+", metavar="N",
+                   help="only these folds (to compare with a run that did not finish)")
     args = p.parse_args()
     human: dict[str, list[tuple[float, str]]] = {}
     ai: dict[str, list[float]] = {}
-    for fold, rows, model in folds(args.kfold_dir):
+    for fold, rows, model in folds(args.kfold_dir, args.only_folds):
         for held in fold["sources"]:
             p_ai = np.array([float(r["p_ai"]) for r in rows if r["source"] == held["source"]])
             for fpr, cut in model.info["thresholds_at_fpr"].items():
@@ -41,7 +43,7 @@ def main() -> None:
                    "ai_detected_mean": round(float(np.mean(ai[fpr])), 4),
                    "human_sources": len(human[fpr]), "ai_sources": len(ai[fpr])}
              for fpr in sorted(human, key=float)}
-    report({"kfold_dir": str(args.kfold_dir), "cuts": table}, args.out)
+    report({"kfold_dir": str(args.kfold_dir), "folds": args.only_folds or "all", "cuts": table}, args.out)
 
 if __name__ == "__main__":
     main()
