@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import imageorigin
 from imageorigin.cli import main
@@ -160,9 +159,10 @@ def test_grouped_kfold_holds_every_family_out_once(bench, tmp_path, capsys):
     assert main(args[:-3] + ["--out", str(tmp_path / "seed1"), "--quiet", "--only-folds", "2", "--seed", "1"]) == 0
     other = json.loads((tmp_path / "seed1" / "crossval.json").read_text())
     assert other["folds"][0]["held_out"] == first["folds"][0]["held_out"] and other["config"]["seed"] == 1
-    # ... then the rest: --resume keeps fold 2 as it was and trains folds 1 and 3.
+    # ... then the rest: --resume keeps fold 2 as it was and trains folds 1 and 3,
+    # also with another number of decoding workers (it changes speed, not results).
     capsys.readouterr()
-    assert main(args + ["--resume"]) == 0
+    assert main(args + ["--resume", "--workers", "1"]) == 0
     assert "fold 2: kept from the earlier run" in capsys.readouterr().err
     assert (out / "fold_2" / "model.safetensors").stat().st_mtime_ns == fold_2
     result = json.loads((out / "crossval.json").read_text())
@@ -188,7 +188,7 @@ def test_grouped_kfold_holds_every_family_out_once(bench, tmp_path, capsys):
                        sources=[r for r in result["sources"] if r["fold"] != "fold 3"])
     (out / "crossval.json").write_text(json.dumps(interrupted))
     capsys.readouterr()
-    assert main(args + ["--resume"]) == 0
+    assert main(args + ["--resume", "--workers", "2"]) == 0
     err = capsys.readouterr().err
     assert "fold 1: kept" in err and "fold 2: kept" in err and "resuming" in err and "after epoch 2 of 2" in err
     again = json.loads((out / "crossval.json").read_text())

@@ -34,7 +34,7 @@ from .data import (LabelledFolder, manifest_name, match_manifest, read_manifest,
 from .evaluate import UNKNOWN_SOURCE, figures
 from .fileio import write_json, write_text
 from .predict import predict
-from .train import TrainConfig, can_resume, train
+from .train import TrainConfig, can_resume, changed_settings, train
 
 GROUP_BY = ("source", "family")
 
@@ -207,7 +207,8 @@ def _finished(out: Path, settings: dict) -> dict[str, tuple[dict, list[dict]]]:
         earlier = json.loads((out / "crossval.json").read_text())
     except FileNotFoundError:
         return {}
-    if any(earlier.get(k) != json.loads(json.dumps(settings[k])) for k in ("method", "manifest", "config")):
+    if any(earlier.get(k) != json.loads(json.dumps(settings[k])) for k in ("method", "manifest")) \
+            or changed_settings(earlier.get("config", {}), settings["config"]):
         return {}
     return {f["fold"]: (f, [r for r in earlier["sources"] if r["fold"] == f["fold"]]) for f in earlier["folds"]}
 

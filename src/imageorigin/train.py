@@ -364,15 +364,28 @@ def _resume_state(path: Path, tensors: bool = True) -> tuple[dict, dict]:
 def can_resume(run_dir: str | os.PathLike, cfg: TrainConfig) -> bool:
     """Whether ``run_dir`` holds an interrupted run's state written with these settings."""
     path = Path(run_dir) / RESUME_FILE
-    return path.is_file() and _resume_state(path, tensors=False)[0]["config"] == json.loads(json.dumps(asdict(cfg)))
+    return path.is_file() and not changed_settings(_resume_state(path, tensors=False)[0]["config"], asdict(cfg))
+
+
+# How fast a run goes, not what it computes: each image's augmentation follows
+# (seed, epoch, image) whichever worker decodes it, and the feature cache holds
+# the same features wherever it is kept. A resumed run may change these.
+_SPEED_ONLY = ("num_workers", "cache_dir")
+
+
+def changed_settings(earlier: dict, now: dict) -> list[str]:
+    """The training settings (``asdict(TrainConfig)``, or their JSON) in which two
+    runs differ, leaving out those that change only their speed."""
+    earlier, now = json.loads(json.dumps(earlier)), json.loads(json.dumps(now))
+    return sorted(k for k in set(earlier) | set(now) if k not in _SPEED_ONLY and earlier.get(k) != now.get(k))
 
 
 def _restore(path: Path, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, generator):
     """Load a :func:`_checkpoint` into the run's objects; returns (history, best,
     best_state, skipped).  Refuses a state written with other settings."""
     meta, tensors = _resume_state(path)
-    if meta["config"] != json.loads(json.dumps(asdict(cfg))):
-        changed = sorted(k for k in meta["config"] if meta["config"][k] != asdict(cfg).get(k))
+    changed = changed_settings(meta["config"], asdict(cfg))
+    if changed:
         raise ValueError(f"{path.parent} was trained with other settings ({', '.join(changed)}): "
                          "resume it with its own (imageorigin train --resume RUN_DIR)")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
