@@ -27,11 +27,21 @@ def folds(kfold_dir: Path, only: list[int] | None = None) -> Iterator[tuple[dict
         if only and int(fold["fold"].split()[-1]) not in only:
             continue
         fold_dir = kfold_dir / fold["fold"].replace(" ", "_")
-        with open(fold_dir / "test_scores.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
         held = [s for s in result["sources"] if s["fold"] == fold["fold"]]
-        yield dict(fold, sources=held), rows, imageorigin.load(fold_dir / "model.safetensors").eval()
+        yield (dict(fold, sources=held), test_scores(kfold_dir, fold["fold"]),
+               imageorigin.load(fold_dir / "model.safetensors").eval())
         print(f"{fold['fold']} done", file=sys.stderr, flush=True)
+
+
+def fold_names(kfold_dir: Path) -> list[str]:
+    """The folds a k-fold run finished ("fold 1", ...)."""
+    return [f["fold"] for f in json.loads((kfold_dir / "crossval.json").read_text())["folds"]]
+
+
+def test_scores(kfold_dir: Path, fold: str) -> list[dict]:
+    """A fold's test_scores.csv rows (path, source, label, p_ai), as dicts."""
+    with open(kfold_dir / fold.replace(" ", "_") / "test_scores.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def held_out_aucs(rows: list[dict], score: np.ndarray) -> list[float]:
