@@ -4,12 +4,14 @@ security headers and closed CORS; a keyed server used by a real browser."""
 import base64
 import socket
 import time
+import urllib.error
 import urllib.request
 
 import pytest
 from fastapi.testclient import TestClient
 
 from conftest import SHARED, served
+from serving import serve_process
 from imageorigin.cli import main
 from imageorigin.service import Limits, check_bind, create_app, load_api_keys
 
@@ -91,6 +93,25 @@ def test_rate_limit_answers_429_with_retry_after():
         assert c.get("/healthz").status_code == 200  # liveness is never limited
         time.sleep(1.1)  # one token a second comes back
         assert c.get("/v1/model").status_code == 200
+
+
+def test_forwarded_for_is_trusted_only_from_the_proxies_named():
+    """The rate limit keys on the client's address: a client cannot forge
+    X-Forwarded-For to get a fresh bucket, but behind a proxy named by
+    --forwarded-allow-ips each forwarded client has its own."""
+    def status(url, forwarded):
+        request = urllib.request.Request(url + "/v1/model", headers={"X-Forwarded-For": forwarded})
+        try:
+            return urllib.request.urlopen(request, timeout=10).status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    limit = ("--rate-burst", "3", "--rate-per-minute", "1")  # /readyz, polled before, spends some too
+    with serve_process(*limit) as (url, _, _):
+        assert [status(url, f"10.0.0.{i}") for i in range(4)][-1] == 429
+    with serve_process(*limit, "--forwarded-allow-ips", "127.0.0.1") as (url, _, _):
+        assert [status(url, f"10.0.0.{i}") for i in range(4)] == [200] * 4
+        assert [status(url, "10.0.0.9") for _ in range(4)] == [200, 200, 200, 429]
 
 
 @pytest.fixture(scope="module")

@@ -194,6 +194,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--api-key-file", metavar="FILE", help="a file of keys, one per line")
     v.add_argument("--insecure-bind", action="store_true",
                    help="allow a non-loopback --host without an API key (something in front authenticates)")
+    v.add_argument("--forwarded-allow-ips", metavar="IPS",
+                   help="proxy addresses (comma-separated, '*' for any) whose X-Forwarded-For names the "
+                        "client, for the rate limit; by default that header is never trusted")
     v.set_defaults(func=_serve)
 
     i = sub.add_parser("info", help="print a model's labels, preprocessing, settings and metrics")
@@ -512,9 +515,12 @@ def _serve(args) -> int:
                        if getattr(args, k) is not None})
     # One process, one model: uvicorn's own workers would each load it and fight for the cores.
     # limit_concurrency answers 503 past that many open connections and tasks;
-    # timeout_keep_alive drops idle connections.
+    # timeout_keep_alive drops idle connections. uvicorn trusts X-Forwarded-For
+    # from 127.0.0.1 unless told otherwise, which would let any local client
+    # forge its address past the rate limit: only the proxies named are trusted.
     uvicorn.run(create_app(args.model, limits, keys), host=args.host, port=args.port, log_level="info",
-                access_log=False, limit_concurrency=1024, timeout_keep_alive=5)
+                access_log=False, limit_concurrency=1024, timeout_keep_alive=5,
+                proxy_headers=bool(args.forwarded_allow_ips), forwarded_allow_ips=args.forwarded_allow_ips)
     return 0
 
 
