@@ -91,5 +91,6 @@ def main() -> None:
              for name, f in aucs.items()}
     report({"kfold_dir": str(args.kfold_dir), "choices": table}, args.out)
 
+
 if __name__ == "__main__":
     main()

@@ -45,5 +45,6 @@ def main() -> None:
              for fpr in sorted(human, key=float)}
     report({"kfold_dir": str(args.kfold_dir), "folds": args.only_folds or "all", "cuts": table}, args.out)
 
+
 if __name__ == "__main__":
     main()

@@ -33,8 +33,9 @@ def main() -> None:
     p.add_argument("--largest", type=int, default=3, help="the most runs in one ensemble")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    shared = [f for f in fold_names(args.kfold_dirs[0]) if all(f in fold_names(d) for d in args.kfold_dirs)]
-    # fold -> run -> (rows of the first run, (N,) p_ai logits in the same row order)
+    finished = [fold_names(d) for d in args.kfold_dirs]  # each run's crossval.json read once
+    shared = [f for f in finished[0] if all(f in names for names in finished)]
+    # fold -> the first run's test_scores rows; fold -> per run, (N,) p_ai logits in that row order
     logits: dict[str, list[np.ndarray]] = {}
     rows: dict[str, list[dict]] = {}
     for fold in shared:

@@ -47,5 +47,6 @@ def main() -> None:
             "rules": {rule: {"mean_auc": round(float(np.mean(a)), 4), "min_auc": round(float(np.min(a)), 4),
                              "sources": len(a)} for rule, a in aucs.items()}}, args.out)
 
+
 if __name__ == "__main__":
     main()
