@@ -268,8 +268,6 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise", type=float, default=d.noise, help="probability of random Gaussian noise")
     p.add_argument("--jpeg", type=float, default=d.jpeg,
                    help="probability of a random JPEG or WebP re-encode, quality 40-95")
-    p.add_argument("--mask", type=float, default=d.mask,
-                   help="probability of masking a random share (up to 3/4) of a crop's 16 px patches")
     p.add_argument("--image-size", type=int, default=d.image_size,
                    help="input side: resize and centre crop to it, or with --native the crop size")
     p.add_argument("--train-crop", type=int, default=d.train_crop,

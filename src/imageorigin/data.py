@@ -303,27 +303,6 @@ class Degrade:
         return im
 
 
-class PatchMask:
-    """With probability ``p``, set a random share (0 to 0.75) of a crop's 16 px
-    patches to 0, the dataset mean after normalisation (SAFE, KDD 2025), so that
-    no single region's cue can carry a prediction.  (3, H, W) in and out; draws
-    from torch's RNG, as :class:`Degrade` does."""
-
-    def __init__(self, p: float, patch: int = 16, most: float = 0.75):
-        self.p, self.patch, self.most = p, patch, most
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.rand(()).item() >= self.p:
-            return x
-        rows, cols = x.shape[-2] // self.patch, x.shape[-1] // self.patch
-        n = int(rows * cols * self.most * torch.rand(()).item())
-        x = x.clone()
-        for i in torch.randperm(rows * cols)[:n].tolist():
-            r, c = divmod(i, cols)
-            x[..., r * self.patch:(r + 1) * self.patch, c * self.patch:(c + 1) * self.patch] = 0
-        return x
-
-
 def _base(pre: dict) -> list:
     if pre.get("resize") is None:  # native resolution
         return [T.ToImage(), EnlargeTo(pre["crop"], pre["interpolation"]), T.CenterCrop(pre["crop"])]
@@ -356,8 +335,7 @@ def train_transform(pre: dict, augment: dict) -> T.Compose:
     ``downscale`` / ``blur`` / ``noise`` / ``jpeg``: probabilities of each of
     :class:`Degrade`'s steps, applied first, as to a re-shared file; and
     ``random_crop`` (train on random crops of this size instead of the centre
-    crop; a native-crop model always trains on random crops of its crop size);
-    ``mask``: probability of a :class:`PatchMask`.
+    crop; a native-crop model always trains on random crops of its crop size).
     0 or False turns each off.
     """
     degrade = Degrade(**{k: augment.get(k, 0.0) for k in ("downscale", "blur", "noise", "jpeg")})
@@ -373,8 +351,7 @@ def train_transform(pre: dict, augment: dict) -> T.Compose:
     if augment.get("color_jitter"):
         s = augment["color_jitter"]
         aug.append(T.ColorJitter(brightness=s, contrast=s, saturation=s))
-    mask = [PatchMask(augment["mask"])] if augment.get("mask") else []
-    return T.Compose([degrade] + base + aug + _normalise(pre) + mask)
+    return T.Compose([degrade] + base + aug + _normalise(pre))
 
 
 # ---------------------------------------------------------------- datasets
