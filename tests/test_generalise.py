@@ -195,3 +195,17 @@ def test_grouped_kfold_holds_every_family_out_once(bench, tmp_path, capsys):
     assert again["sources"] == result["sources"] and again["mean_auc"] == result["mean_auc"]
     assert main(args + ["--only-folds", "4"]) == 2
     assert "no fold 4" in capsys.readouterr().err
+
+    # Other training data (both views of the images), the same folds: --folds-from
+    # takes the folds the finished run recorded rather than dealing them again.
+    views = ["crossval", str(bench / "native/val"), str(bench / "resized/val"), "--manifest",
+             str(bench / "manifest.csv"), "--folds", "3", "--group-by", "family", "--backbone",
+             "mobilenet_v2", "--epochs", "1", "--quiet", "--only-folds", "1"]
+    assert main(views + ["--out", str(tmp_path / "views"), "--folds-from", str(out / "crossval.json")]) == 0
+    both = json.loads((tmp_path / "views" / "crossval.json").read_text())
+    assert both["folds"][0]["held_out"] == result["folds"][0]["held_out"]
+    assert both["folds"][0]["trained_on"] > result["folds"][0]["trained_on"]
+    # A run that did not finish every fold has not recorded every family's fold.
+    capsys.readouterr()
+    assert main(views + ["--out", str(tmp_path / "no"), "--folds-from", str(tmp_path / "seed1" / "crossval.json")]) == 2
+    assert "its folds do not hold out" in capsys.readouterr().err

@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --folds K: run only these folds (1 to K), e.g. to repeat one with another seed")
     c.add_argument("--fold-seed", type=int, default=0,
                    help="seed that deals the groups into folds (the same folds whatever --seed trains with)")
+    c.add_argument("--folds-from", metavar="CROSSVAL_JSON",
+                   help="with --folds K: the folds an earlier run recorded, instead of dealing them "
+                        "(to compare recipes whose training data differ on the same folds)")
     c.add_argument("--resume", action="store_true",
                    help="continue a run in --out made with the same settings: keep the folds it "
                         "finished, and go on from the last completed epoch of the one it was training")
@@ -324,7 +327,7 @@ def _crossval(args) -> int:
     result = crossval(args.data_dir, args.manifest, args.out, _config(args), reference=args.reference,
                       sources=args.sources, progress=not args.quiet, folds=args.folds,
                       group_by=args.group_by, only=args.only, resume=args.resume,
-                      fold_seed=args.fold_seed)
+                      fold_seed=args.fold_seed, folds_from=args.folds_from)
     print(to_markdown(result))
     print(f"wrote {args.out}/crossval.json and {args.out}/crossval.md")
     return 0

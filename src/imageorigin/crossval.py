@@ -73,6 +73,23 @@ def assign_folds(groups: dict[str, tuple[bool, int]], k: int, seed: int = 0) -> 
     return folds
 
 
+def recorded_folds(path: str | os.PathLike, groups, k: int) -> dict[str, int]:
+    """The folds an earlier run recorded in its ``crossval.json``: group -> fold
+    index (0 to k-1), for each of ``groups``.  Lets two recipes whose training
+    data differ (one view or two, say: the counts that :func:`assign_folds`
+    deals by change) be compared on the same folds.  Every group must be in one
+    of the run's folds, and the run must have had ``k`` folds."""
+    earlier = json.loads(Path(path).read_text())
+    if earlier.get("method", "").split("-fold")[0] != f"grouped {k}":
+        raise ValueError(f"{path}: a {earlier.get('method')!r} run, not a grouped {k}-fold one")
+    fold_of = {g: int(f["fold"].split()[-1]) - 1 for f in earlier["folds"] for g in f["held_out"]}
+    missing = sorted(set(groups) - set(fold_of))
+    if missing:
+        raise ValueError(f"{path}: its folds do not hold out {', '.join(missing)} (only a run that "
+                         f"finished every fold records them all)")
+    return {g: fold_of[g] for g in groups}
+
+
 def crossval(
     data,
     manifest,
@@ -86,6 +103,7 @@ def crossval(
     only: list[int] | None = None,
     resume: bool = False,
     fold_seed: int = 0,
+    folds_from: str | os.PathLike | None = None,
 ) -> dict:
     """Leave-one-source-out (``folds=0``) or grouped k-fold over the sources named in
     ``manifest`` (one CSV or several; ``source`` column, and ``generator`` for
@@ -96,7 +114,9 @@ def crossval(
     tested too; leave-one-source-out: the other kind in each test set). Default:
     a seeded 20% split of ``data``.  ``sources`` limits leave-one-source-out to
     these, ``only`` k-fold to these fold numbers (1 to k); ``fold_seed`` orders
-    the groups of equal size that are dealt into folds.  Writes
+    the groups of equal size that are dealt into folds; ``folds_from``, an
+    earlier run's ``crossval.json``, takes that run's folds instead
+    (:func:`recorded_folds`).  Writes
     ``crossval.json`` (after every fold, so an interrupted run keeps what it
     finished) and ``crossval.md`` to ``out_dir``; returns the table.
     ``resume=True`` continues a run in ``out_dir`` made with the same settings:
@@ -129,7 +149,8 @@ def crossval(
                         for r in matched])
         known = key != UNKNOWN_SOURCE
         groups = {g: (bool(is_human[key == g][0]), int((key == g).sum())) for g in sorted(set(key[known]))}
-        fold_of = assign_folds(groups, folds, fold_seed)
+        fold_of = (recorded_folds(folds_from, groups, folds) if folds_from
+                   else assign_folds(groups, folds, fold_seed))
         missing = [str(f) for f in only or [] if not 1 <= f <= folds]
         if missing:
             raise ValueError(f"folds are numbered 1 to {folds}: there is no fold {', '.join(missing)}")
