@@ -209,3 +209,7 @@ def test_grouped_kfold_holds_every_family_out_once(bench, tmp_path, capsys):
     capsys.readouterr()
     assert main(views + ["--out", str(tmp_path / "no"), "--folds-from", str(tmp_path / "seed1" / "crossval.json")]) == 2
     assert "its folds do not hold out" in capsys.readouterr().err
+    # Without --folds there are no folds to take: refused, not a leave-one-source-out run.
+    loso = views[:views.index("--folds")] + ["--backbone", "mobilenet_v2", "--epochs", "1", "--quiet"]
+    assert main(loso + ["--out", str(tmp_path / "loso"), "--folds-from", str(out / "crossval.json")]) == 2
+    assert "--folds-from" in capsys.readouterr().err and not (tmp_path / "loso").exists()

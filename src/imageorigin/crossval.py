@@ -161,6 +161,9 @@ def crossval(
         if only:
             raise ValueError("only (--only-folds) picks folds of a grouped k-fold (--folds K); "
                              "leave-one-source-out picks sources (--source)")
+        if folds_from:
+            raise ValueError("folds_from (--folds-from) takes the folds of a grouped k-fold (--folds K); "
+                             "leave-one-source-out has none")
         for source in sources or sorted(set(src) - {UNKNOWN_SOURCE}):
             held = src == source
             kinds = set(is_human[held])
