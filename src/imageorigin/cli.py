@@ -271,8 +271,6 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise", type=float, default=d.noise, help="probability of random Gaussian noise")
     p.add_argument("--jpeg", type=float, default=d.jpeg,
                    help="probability of a random JPEG or WebP re-encode, quality 40-95")
-    p.add_argument("--shuffle", type=float, default=d.shuffle,
-                   help="probability of putting a training crop's 32 px patches in a random order")
     p.add_argument("--image-size", type=int, default=d.image_size,
                    help="input side: resize and centre crop to it, or with --native the crop size")
     p.add_argument("--train-crop", type=int, default=d.train_crop,

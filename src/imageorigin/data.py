@@ -303,28 +303,6 @@ class Degrade:
         return im
 
 
-class PatchShuffle:
-    """With probability ``p``, cut a crop into ``patch`` px squares and put them
-    back in a random order (Zheng et al., NeurIPS 2024, "Breaking semantic
-    artifacts"), so that the layout of a face or a scene cannot carry a
-    prediction while each square's pixel-level traces stay intact.  Applied to
-    every class alike.  (3, H, W) in and out, H and W multiples of ``patch``;
-    draws from torch's RNG, as :class:`Degrade` does."""
-
-    def __init__(self, p: float, patch: int = 32):
-        self.p, self.patch = p, patch
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.rand(()).item() >= self.p:
-            return x
-        c, h, w = x.shape
-        k = self.patch
-        # (3, H, W) -> (n, 3, k, k) patches in row-major order, shuffled, and back
-        tiles = x.reshape(c, h // k, k, w // k, k).permute(1, 3, 0, 2, 4).reshape(-1, c, k, k)
-        tiles = tiles[torch.randperm(tiles.shape[0])]
-        return tiles.reshape(h // k, w // k, c, k, k).permute(2, 0, 3, 1, 4).reshape(c, h, w)
-
-
 def _base(pre: dict) -> list:
     if pre.get("resize") is None:  # native resolution
         return [T.ToImage(), EnlargeTo(pre["crop"], pre["interpolation"]), T.CenterCrop(pre["crop"])]
@@ -357,8 +335,7 @@ def train_transform(pre: dict, augment: dict) -> T.Compose:
     ``downscale`` / ``blur`` / ``noise`` / ``jpeg``: probabilities of each of
     :class:`Degrade`'s steps, applied first, as to a re-shared file; and
     ``random_crop`` (train on random crops of this size instead of the centre
-    crop; a native-crop model always trains on random crops of its crop size);
-    ``shuffle``: probability of a :class:`PatchShuffle`.
+    crop; a native-crop model always trains on random crops of its crop size).
     0 or False turns each off.
     """
     degrade = Degrade(**{k: augment.get(k, 0.0) for k in ("downscale", "blur", "noise", "jpeg")})
@@ -374,8 +351,7 @@ def train_transform(pre: dict, augment: dict) -> T.Compose:
     if augment.get("color_jitter"):
         s = augment["color_jitter"]
         aug.append(T.ColorJitter(brightness=s, contrast=s, saturation=s))
-    shuffle = [PatchShuffle(augment["shuffle"])] if augment.get("shuffle") else []
-    return T.Compose([degrade] + base + aug + _normalise(pre) + shuffle)
+    return T.Compose([degrade] + base + aug + _normalise(pre))
 
 
 # ---------------------------------------------------------------- datasets

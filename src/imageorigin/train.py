@@ -81,7 +81,6 @@ class TrainConfig:
     blur: float = 0.0
     noise: float = 0.0
     jpeg: float = 0.0
-    shuffle: float = 0.0  # probability of shuffling a crop's 32 px patches (data.PatchShuffle)
     image_size: int = 224  # resize the shorter side and centre crop to this
     train_crop: int = 0  # >0: train on random crops of this size
     # Native resolution: no resize; train on random image_size crops, score a
@@ -173,7 +172,7 @@ def train(
 
     augment = {"flip": cfg.flip, "rotation": cfg.rotation, "color_jitter": cfg.color_jitter,
                "downscale": cfg.downscale, "blur": cfg.blur, "noise": cfg.noise, "jpeg": cfg.jpeg,
-               "shuffle": cfg.shuffle, "random_crop": cfg.train_crop}
+               "random_crop": cfg.train_crop}
     cached = cfg.feature_cache and not cfg.finetune
     out.mkdir(parents=True, exist_ok=True)
     if cfg.samples and lead:
