@@ -39,22 +39,26 @@ import numpy as np
 
 from kfold_runs import REPO, held_out_aucs, test_scores
 
-from imageorigin.crossval import crossval, family
+from imageorigin.crossval import crossval, family, recorded_folds
 from imageorigin.train import TrainConfig
 
 SETS = ("dh3-bench", "dh3-wide")
 ARMS = {"A": "half the families", "B": "every family, as many images as arm A"}
 
 
-def training_files(shared: Path) -> dict[str, list[str]]:
-    """Each family's native training images: family -> paths relative to the view ("dh3-bench/train/dalle/x.jpg")."""
+def training_files(shared: Path) -> tuple[dict[str, list[str]], set[str]]:
+    """Each family's native training images (family -> paths relative to the
+    view, "dh3-bench/train/dalle/x.jpg"), and which families are human."""
     files: dict[str, list[str]] = {}
+    humans = set()
     for name in SETS:
         with open(shared / name / "manifest.csv", newline="") as f:
             for row in csv.DictReader(f):
                 if row["split"] == "train" and (shared / name / "native" / row["path"]).exists():
                     files.setdefault(family(row), []).append(f"{name}/{row['path']}")
-    return files
+                    if row["label"] == "human":
+                        humans.add(family(row))
+    return files, humans
 
 
 def plan(files: dict[str, list[str]], fold_of: dict[str, int], humans: set[str],
@@ -99,8 +103,9 @@ def image_key(path: str) -> tuple:
     parts = Path(path).parts
     i = max(j for j, p in enumerate(parts) if p in SETS)
     rest = parts[i + 1:]
-    view = rest[0] if rest[0] in ("native", "resized") else "native"
-    return (parts[i], view) + tuple(rest[1:] if rest[0] in ("native", "resized") else rest)
+    if rest[0] not in ("native", "resized"):  # an arm's tree holds native images only
+        rest = ("native",) + rest
+    return (parts[i],) + rest
 
 
 def compare(scored: dict[str, dict[int, Path]]) -> dict:
@@ -129,9 +134,8 @@ def main() -> None:
     p.add_argument("--shared", type=Path, default=Path(os.environ.get("IMAGEORIGIN_SHARED", REPO.parent / "shared")))
     args = p.parse_args()
     first = json.loads((args.runs[0] / "crossval.json").read_text())
-    fold_of = {g: int(f["fold"].split()[-1]) for f in first["folds"] for g in f["held_out"]}
-    humans = {family({"label": "human", "source": s["source"]}) for s in first["sources"] if s["label"] == ["human"]}
-    files = training_files(args.shared)
+    files, humans = training_files(args.shared)
+    fold_of = {g: i + 1 for g, i in recorded_folds(args.runs[0] / "crossval.json", files, len(first["folds"])).items()}
     dropped, arms, counts = plan(files, fold_of, humans)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in first["config"].items() if k in fields})
@@ -144,7 +148,8 @@ def main() -> None:
             if (out / "crossval.json").exists():
                 continue
             data = link_tree(args.work / "trees" / arm / f"f{k}", arms[k][arm], args.shared)
-            print(f"fold {k}, arm {arm} ({ARMS[arm]}): {len(arms[k][arm])} training images", flush=True)
+            print(f"fold {k}, arm {arm} ({ARMS[arm]}): {counts[f'fold {k}'][f'images_{arm}']} training images",
+                  flush=True)
             crossval(data, manifests, out, cfg, reference=reference, folds=len(arms), group_by="family",
                      only=[k], folds_from=args.runs[0] / "crossval.json", progress=True)
     scored = {str(r): {k: r for k in folds} for r in args.runs}
