@@ -172,17 +172,19 @@ def _plain(ckpt: str, folder: str, out: str) -> None:
 def _fast(ckpt: str, folder: str, out: str) -> None:
     """imageorigin's one inference function, as `imageorigin predict` calls it."""
     import imageorigin
-    from imageorigin.engine import cached_engine
+    from imageorigin.engine import check_outcome
+    from imageorigin.predict import current_engine
 
     model = imageorigin.load(ckpt)
     files = sorted(Path(folder).iterdir())
     start = time.perf_counter()
     preds = list(imageorigin.predict(model, files))
     seconds = time.perf_counter() - start
-    engine = cached_engine(model, "auto", model.inference_precision, model.preprocessing["crop"])
+    engine = current_engine(model)  # read back from the compiled engine after predict's check
     assert all(p.error is None for p in preds)
-    if "checked_on" in model.info.get("precision_check", {}):
-        engine = f"{engine}, checked on {model.info['precision_check']['checked_on']}"
+    check = model.info.get("precision_check") or {}
+    if "checked_on" in check:
+        engine = f"{engine} ({check_outcome(check)}; checked on {check['checked_on']})"
     Path(out).write_text(json.dumps({
         "seconds": seconds, "images": len(files), "engine": str(engine),
         "probs": [[p.probs[l] for l in model.labels] for p in preds]}))
@@ -293,7 +295,17 @@ def _machine() -> str:
 
     import torch
 
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    from imageorigin.engine import host_bf16
+
+    # The flags that decide which precisions can run here (bf16 needs AVX-512-bf16 or AMX).
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    have = [f for f in wanted if f in flags] or ["none of " + " ".join(wanted)]
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, CPU flags "
+            f"{' '.join(have)}, bf16 {'available' if host_bf16() else 'not available: this CPU has no bf16'}")
 
 
 if __name__ == "__main__":

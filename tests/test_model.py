@@ -1,5 +1,6 @@
 """Checkpoints: the seed's .pth and its variants, our safetensors format, export."""
 
+import shutil
 
 import pytest
 import torch
@@ -165,26 +166,58 @@ def test_default_model_is_self_describing():
     assert {"head.weight", "head.bias"} <= set(keys) and len(keys) > 300
 
 
-def test_a_seed_file_is_checked_on_the_first_batch_of_the_users_images(seed_net, tmp_path, bench, capsys):
+@pytest.mark.parametrize("no_bf16", [False, True], ids=["this machine", "a CPU without bf16"])
+def test_a_seed_file_is_checked_on_the_first_batch_of_the_users_images(seed_net, tmp_path, bench, capsys,
+                                                                       monkeypatch, no_bf16):
     """A seed .pth has no stored precision check: predict checks bf16 against fp32
-    on the first batch of the images it is given, keeps the outcome, and says so."""
+    on the first batch of the images it is given, keeps the outcome, and says so.
+    Where bf16 cannot run (this machine's CPU, or one taken away from it here) it
+    compares nothing and stores that, in words."""
+    from imageorigin import engine
     from imageorigin.cli import main
+    from imageorigin.predict import current_engine
+    from imageorigin.runtime import cache_dir
 
+    if no_bf16:
+        monkeypatch.setattr(engine, "host_bf16", lambda: False)
+    shutil.rmtree(cache_dir() / "precision", ignore_errors=True)  # the other case's remembered check
     path = tmp_path / "densenet_finetuned_dense.pth"
     torch.save(seed_net.state_dict(), path)
     files = sorted((bench / "native/val/human").glob("*.jpg"))[:40]
     model = imageorigin.load(path)
     fast = list(imageorigin.predict(model, files))
     check = model.info["precision_check"]
-    assert check["checked_on"] == "the first 32 images given to predict" and check["images"] == 32
     assert check["precision"] == model.inference_precision
-    if check["precision"] == "bf16":
-        assert check["same_label"] >= 0.995 and check["max_prob_diff"] <= 0.01
+    if engine.host_bf16():
+        assert check["checked_on"] == "the first 32 images given to predict" and check["images"] == 32
+        assert check["host_bf16"] is True
+        if check["precision"] == "bf16":
+            assert check["same_label"] >= 0.995 and check["max_prob_diff"] <= 0.01
+    else:
+        assert check == {"precision": "fp32", "images": 0, "same_label": None, "max_prob_diff": None,
+                         "host_bf16": False, "outcome": "fp32: this CPU has no bf16",
+                         "checked_on": "this machine: nothing to compare"}
+    ran = current_engine(model)
+    assert ran.precision == check["precision"]  # what is stored is what runs
     ref = list(imageorigin.predict(imageorigin.load(path), files, precision="fp32"))
     same = sum(a.label == b.label for a, b in zip(fast, ref)) / len(ref)
     diff = (_probs(fast, model.labels) - _probs(ref, model.labels)).abs().max().item()
     assert same >= 0.95 and diff <= 0.02  # the agreement target, on images past the checked batch too
+
+    # a later run on the same checkpoint uses the remembered check: it neither checks again
+    # (the remembered file is not rewritten) nor claims a precision that did not run
+    [remembered] = (cache_dir() / "precision").glob("*.json")
+    before = remembered.stat().st_mtime_ns
     assert main(["predict", "--model", str(path), *map(str, files[:20]), "--format", "csv", "--out",
                  str(tmp_path / "p.csv")]) == 0
-    # a later run on the same checkpoint uses the remembered check (on those first 32 images)
-    assert f"precision {check['precision']}, checked on the first 32 images" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert remembered.stat().st_mtime_ns == before
+    if engine.host_bf16():
+        assert f"precision {check['precision']}: " in err and "checked on the first 32 images" in err
+    else:
+        assert "precision fp32: this CPU has no bf16 (checked on this machine: nothing to compare)" in err
+    assert f"ran on openvino {check['precision']}" in err
+    assert main(["info", str(path)]) == 0  # says what runs here, from the remembered check
+    out = capsys.readouterr().out
+    assert f"runs in    openvino {check['precision']} on this machine" in out
+    assert f"precision  {check['outcome']}" in out

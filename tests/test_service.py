@@ -13,6 +13,7 @@ from openapi_spec_validator import validate
 from PIL import Image
 
 from conftest import SHARED, served
+from serving import CHROMIUM
 from imageorigin.service import Limits, create_app
 
 FIREFLY = SHARED / "provenance-samples/c2pa/firefly.png"
@@ -37,6 +38,9 @@ def test_health_ready_model_and_offline_docs(client):
     assert len(m["sha256"]) == 64 and m["preprocessing"]["crops"] == 3 and m["backbone"] == "mobilenet_v2"
     assert m["limits"]["max_files"] == 4 and m["limits"]["max_request_bytes"] == 8 << 20
     assert m["weak_spots"], "the card's known weak spots travel with the model"
+    # the precision that runs, read back from the compiled engine, and why: the default is
+    # kept in fp32 (bf16 changed its answers where it was checked)
+    assert m["engine"] == "openvino fp32" and m["precision"].startswith("fp32: bf16 changed the answers")
     validate(client.get("/openapi.json").json())  # the OpenAPI schema is valid
     docs = client.get("/docs").text
     assert "/docs-assets/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
@@ -64,7 +68,7 @@ def test_analyze_gives_one_result_per_file_in_order(client, raw):
         assert x["error"] is None and x["verdict"] in ("likely_ai", "uncertain", "likely_human")
         assert set(x["probs"]) == {"dalle", "human", "other_ai"} and 0 <= x["p_ai"] <= 1
         assert x["is_ai"] == (x["verdict"] == "likely_ai") and len(x["heatmap"]) == 9
-        assert x["model"]["id"] == client.get("/v1/model").json()["sha256"]
+        assert x["model"] == {"id": client.get("/v1/model").json()["sha256"], "engine": "openvino fp32"}
     assert firefly["sha256"] == __import__("hashlib").sha256(FIREFLY.read_bytes()).hexdigest()
     assert (firefly["format"], firefly["width"], firefly["height"]) == ("PNG", 1200, 896)
     assert firefly["provenance"]["summary"] in ("declares_ai", "conflict")
@@ -164,7 +168,7 @@ def test_the_page_in_a_real_browser(server, raw, tmp_path):
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     photo = raw / "human/bsds500__real_photo__test_65084.jpg"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(server + "/")
         page.wait_for_selector("#model p")

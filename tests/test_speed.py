@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import imageorigin
+from imageorigin import engine as engine_module
 from imageorigin import features
 from imageorigin.backbones import build_backbone
 from imageorigin.cli import main
@@ -68,23 +69,57 @@ def test_each_engine_in_fp32_matches_pytorch(default, val_images, engine):
     assert torch.allclose(default.pool(run(x[:1])), ref[:1], atol=1e-3)
 
 
-def test_default_model_is_kept_in_fp32_because_bf16_changes_its_answers(default, val_images):
+@pytest.fixture(params=["this machine", "a CPU without bf16"])
+def cpu(request, monkeypatch):
+    """Each precision test runs twice: on this machine as it is, and with its bf16
+    taken away (engine.host_bf16 answers False, so every engine asked for bf16
+    compiles fp32), so the no-bf16 branch is tested on every host.  Yields
+    whether bf16 can run."""
+    if request.param == "a CPU without bf16":
+        monkeypatch.setattr(engine_module, "host_bf16", lambda: False)
+    return engine_module.host_bf16()
+
+
+NO_BF16 = {"precision": "fp32", "images": 0, "same_label": None, "max_prob_diff": None,
+           "host_bf16": False, "outcome": "fp32: this CPU has no bf16"}
+
+
+def test_asking_for_bf16_where_it_cannot_run_gives_an_engine_that_says_fp32(default, val_images, cpu):
+    x = torch.stack([default.transform(decode_image(f)) for f in val_images[:4]])
+    run = create_engine(default, "openvino", precision="bf16", input_size=x.shape[-1])
+    # read back from the compiled graph: bf16 only where the hardware runs it
+    assert run.precision == ("bf16" if cpu else "fp32")
+    if not cpu:  # then it is the fp32 engine, answers included
+        ref = create_engine(default, "openvino", precision="fp32", input_size=x.shape[-1])
+        assert torch.equal(run(x), ref(x))
+
+
+def test_default_model_is_kept_in_fp32_because_bf16_changes_its_answers(default, val_images, cpu):
     # bf16 rounds away the pixel-level traces the fine-tuned model reads
     x = torch.stack([default.transform(decode_image(f)) for f in val_images])
     check = check_precision(default, x)
     assert check["precision"] == "fp32"
-    assert check["max_prob_diff"] > 0.01 and check["images"] == len(val_images)
+    if cpu:
+        assert check["max_prob_diff"] > 0.01 and check["images"] == len(val_images)
+        assert check["outcome"].startswith("fp32: bf16 changed the answers (same label on ")
+    else:  # nothing to compare, and it says so rather than comparing fp32 with fp32
+        assert check == NO_BF16
     assert default.inference_precision == "fp32"
     assert str(cached_engine(default, "auto", default.inference_precision,
                              default.preprocessing["crop"])) == "openvino fp32"
 
 
-def test_a_model_that_is_insensitive_to_bf16_is_allowed_it(val_images):
+def test_a_model_that_is_insensitive_to_bf16_is_allowed_it_where_bf16_runs(val_images, cpu):
     model = imageorigin.Classifier(build_backbone("mobilenet_v2"), ["dalle", "human", "other_ai"])
     torch.nn.init.zeros_(model.head.weight)  # every image scores the bias alone, in any precision
     x = torch.stack([model.transform(decode_image(f)) for f in val_images[:8]])
     check = check_precision(model.eval(), x)
-    assert check == {"precision": "bf16", "images": 8, "same_label": 1.0, "max_prob_diff": 0.0}
+    if cpu:
+        assert check == {"precision": "bf16", "images": 8, "same_label": 1.0, "max_prob_diff": 0.0,
+                         "host_bf16": True,
+                         "outcome": "bf16: same label on 100.0% of 8 images, probabilities within 0.0000 of fp32"}
+    else:
+        assert check == NO_BF16
 
 
 def test_a_jpeg_and_a_lossless_png_of_its_pixels_get_the_same_answer_from_a_resizing_model(raw, tmp_path):

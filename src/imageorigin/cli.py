@@ -14,13 +14,13 @@ from typing import Iterable, TextIO
 from . import __version__, backbones, report
 from .crossval import crossval, to_markdown
 from .data import DataFolderError, describe_preprocessing
-from .engine import ENGINES, PRECISIONS, cached_engine
+from .engine import ENGINES, PRECISIONS, check_outcome
 from .evaluate import evaluate
 from .export import export_onnx
 from .fileio import atomic_path
 from .images import find_images
 from .model import CheckpointError, export_seed, load
-from .predict import Prediction, predict
+from .predict import Prediction, current_engine, precision_reason, predict
 from .train import TrainConfig, train
 
 # Errors that mean "the user asked for something that cannot be done": a message, not a traceback.
@@ -355,8 +355,7 @@ def _predict(args) -> int:
     if not files:
         raise ValueError(f"no image files found in {' '.join(args.paths)}")
     if not args.quiet:
-        engine = cached_engine(model, args.engine, args.precision or model.inference_precision,
-                               model.preprocessing["crop"])
+        engine = current_engine(model, args.engine, args.precision)
         print(f"imageorigin: {len(files)} images, engine {engine}", file=sys.stderr)
     preds = predict(model, files, batch_size=args.batch_size, num_workers=args.num_workers,
                     progress=not args.quiet and sys.stderr.isatty(), engine=args.engine,
@@ -380,10 +379,8 @@ def _predict(args) -> int:
         report.prediction_gallery(shown, args.gallery)
     check = model.info.get("precision_check") or {}
     if "checked_on" in check and not args.quiet:  # a model that had no stored check: say what was chosen
-        print(f"imageorigin: precision {check['precision']}, checked on {check['checked_on']}: "
-              f"same label {check['same_label']:.1%}, largest probability difference "
-              f"{check['max_prob_diff']:.4f}" + ("" if check["precision"] == "bf16" else
-                                                 " (bf16 failed the check: fp32 kept)"), file=sys.stderr)
+        print(f"imageorigin: precision {check_outcome(check)} (checked on {check['checked_on']}); "
+              f"ran on {current_engine(model, args.engine, args.precision)}", file=sys.stderr)
     if (args.format != "table" or args.out) and not args.quiet:
         print(f"imageorigin: {summary}", file=sys.stderr)
     if counts["error"]:  # said even with --quiet: the exit status alone does not name the count
@@ -529,7 +526,10 @@ def _serve(args) -> int:
 
 def _info(args) -> int:
     model = load(args.model)
-    meta = model.describe()
+    # What runs here, read back from the compiled engine (bf16 stored but no bf16
+    # on this CPU runs fp32); the stored check says why the model asks for it.
+    run = current_engine(model)
+    meta = {**model.describe(), "engine_here": str(run), "precision_here": precision_reason(model, run)}
     if args.json:
         print(json.dumps(meta, indent=2))
         return 0
@@ -552,7 +552,8 @@ def _summary(model, meta: dict, name: str) -> list[str]:
         lines.append(f"verdict    likely AI at p_ai >= {model.threshold:.4f}"
                      + (f", likely human at p_ai <= {bands['likely_human']:.4f}, uncertain between"
                         if bands.get("likely_human") is not None else ", likely human below"))
-    lines.append(f"calibrated temperature {model.temperature:.3f}, runs in {model.inference_precision}")
+    lines.append(f"calibrated temperature {model.temperature:.3f}")
+    lines += [f"runs in    {meta['engine_here']} on this machine", f"precision  {meta['precision_here']}"]
     if m:
         lines.append(f"validation accuracy {m.get('val_accuracy', float('nan')):.4f}, loss "
                      f"{m.get('val_loss', float('nan')):.4f}"

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .data import eval_transform
-from .engine import Engine
+from .engine import Engine, compile_openvino
 from .fileio import atomic_path
 from .model import CheckpointError, Classifier, Scoring
 
@@ -94,19 +94,13 @@ class OnnxClassifier(Scoring):
         """OpenVINO compiling the ONNX graph: (B, 3, crop, crop) -> logits (B, C)."""
         if engine not in ("auto", "openvino"):
             raise ValueError(f"{self.path}: an .onnx model runs on OpenVINO (--engine auto or openvino)")
-        import openvino as ov
-
-        config = {"PERFORMANCE_HINT": "LATENCY"}
-        if precision == "fp32":
-            config["INFERENCE_PRECISION_HINT"] = "f32"
-        compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+        compiled, ran = compile_openvino(self.path, precision == "fp32")
         logits = compiled.output("logits")
-        hint = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
         def run(x: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(compiled(x.detach().cpu().float().contiguous().numpy())[logits].copy())
 
-        return Engine("openvino", {"bf16": "bf16", "f16": "fp16"}.get(hint, "fp32"), run)
+        return Engine("openvino", ran, run)
 
     def to(self, device) -> "OnnxClassifier":
         return self

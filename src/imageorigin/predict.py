@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Iterator, Union
 
 from PIL import Image
 from tqdm import tqdm
 
 from .data import ImageDataset, batches, crop_boxes
-from .engine import cached_engine, check_precision, weights_digest
+from . import engine as engines
+from .engine import Engine, cached_engine, check_outcome, check_precision, needs_check, weights_digest
 from .fileio import write_json
 from . import provenance
 from .model import Classifier
@@ -97,11 +99,12 @@ def predict(
     """
     items = list(items)
     names = [f"<image {i}>" if isinstance(x, Image.Image) else str(x) for i, x in enumerate(items)]
-    run = cached_engine(model, engine, precision or model.inference_precision,
-                        model.preprocessing["crop"])
-    # A model that never had its precision checked (a seed .pth) is checked on
-    # the first batch of these images; it keeps the outcome (see _check_on).
-    unchecked = precision is None and model.inference_precision == "fp32" and "precision_check" not in model.info
+    run = current_engine(model, engine, precision)
+    # A model that never had its precision checked on a machine like this one (a
+    # seed .pth) is checked on the first batch of these images; it keeps the
+    # outcome (see _check_on).
+    unchecked = precision is None and model.inference_precision == "fp32" and \
+        needs_check(model.info.get("precision_check"))
     crop = model.preprocessing["crop"]
     cut = model.threshold if threshold is None else threshold
     dataset = ImageDataset(items, model.transform, inspect=lambda im: (im.size, image_caveats(im, crop),
@@ -149,28 +152,63 @@ def predict(
 CHECK_MIN_IMAGES = 16
 
 
-def _check_on(model: Classifier, images, engine: str):
-    """The engine for a model with no stored precision check: bf16 when, on this
-    first batch of the user's own images (B, ...), it gives the fp32 labels and
-    probabilities within the check's margins (:func:`imageorigin.engine.check_precision`),
-    else fp32.  The outcome is remembered for this checkpoint in the cache, and
-    kept in ``model.inference_precision`` and
-    ``model.info["precision_check"]`` (``checked_on`` says on what), so the
-    rest of this run and later calls use it, and callers can say which it was."""
-    crop = model.preprocessing["crop"]
-    # Remembered per checkpoint (its weights' digest), beside the converted models:
-    # later runs on the same file skip the check and its second compilation.
-    remembered = cache_dir() / "precision" / f"{weights_digest(model, crop)}.json"
-    if remembered.is_file():
-        check = json.loads(remembered.read_text())
-    elif len(images) < CHECK_MIN_IMAGES or cached_engine(model, engine, "bf16", crop).precision != "bf16":
-        # Too few to judge (and too few for speed to matter), or no bf16 here: fp32.
-        return cached_engine(model, engine, "fp32", crop)
+def current_engine(model: Classifier, engine: str = "auto", precision: str | None = None) -> Engine:
+    """The engine ``predict`` runs ``model`` on now (``precision`` None: the model's
+    own, as checked, or as an earlier ``predict`` here checked it); ``str()`` of
+    it says which engine and the precision its compiled graph really runs in,
+    e.g. "openvino fp32"."""
+    if precision is None and needs_check(model.info.get("precision_check")):
+        remembered = _remembered(model)
+        check = json.loads(remembered.read_text()) if remembered.is_file() else None
+        if not needs_check(check):
+            model.inference_precision = check["precision"]
+            model.info["precision_check"] = check
+    return cached_engine(model, engine, precision or model.inference_precision, model.preprocessing["crop"])
+
+
+def precision_reason(model: Classifier, run: Engine) -> str:
+    """Why ``run`` (the model's engine here) computes in the precision it does, in
+    words: its precision check's outcome (e.g. "fp32: this CPU has no bf16"),
+    and where the model asks for bf16 but this CPU has none, that fp32 runs."""
+    check = model.info.get("precision_check")
+    if check:
+        why = check_outcome(check)
+    elif not engines.host_bf16():  # looked up here, so tests can take bf16 away
+        why = "fp32: this CPU has no bf16"
     else:
-        check = check_precision(model, images, engine)
-        check["checked_on"] = f"the first {len(images)} images given to predict"
-        remembered.parent.mkdir(parents=True, exist_ok=True)
-        write_json(remembered, check)
+        why = "not checked yet: predict checks bf16 on the first batch of images it is given"
+    if model.inference_precision == "bf16" and run.precision != "bf16":
+        why += "; this CPU has no bf16, so fp32 runs"
+    return why
+
+
+def _remembered(model: Classifier) -> Path:
+    """Where the precision check of a checkpoint that had none is remembered: per
+    weights' digest, beside the converted models, so later runs on the same
+    file skip the check and its second compilation."""
+    return cache_dir() / "precision" / f"{weights_digest(model, model.preprocessing['crop'])}.json"
+
+
+def _check_on(model: Classifier, images, engine: str):
+    """The engine for a model with no precision check that holds here: bf16 when,
+    on this first batch of the user's own images (B, ...), it gives the fp32
+    labels and probabilities within the check's margins
+    (:func:`imageorigin.engine.check_precision`), else fp32; on a machine
+    without bf16, fp32 with that said.  The outcome is remembered
+    (:func:`_remembered`), and kept in ``model.inference_precision`` and
+    ``model.info["precision_check"]`` (``checked_on`` says on what, ``outcome``
+    in words), so the rest of this run and later calls use it, and callers can
+    say which it was."""
+    crop = model.preprocessing["crop"]
+    if len(images) < CHECK_MIN_IMAGES and cached_engine(model, engine, "bf16", crop).precision == "bf16":
+        # Too few to judge (and too few for speed to matter): fp32 now, checked on a larger call.
+        return cached_engine(model, engine, "fp32", crop)
+    check = check_precision(model, images, engine)
+    check["checked_on"] = f"the first {len(images)} images given to predict" if check["images"] \
+        else "this machine: nothing to compare"
+    remembered = _remembered(model)
+    remembered.parent.mkdir(parents=True, exist_ok=True)
+    write_json(remembered, check)
     model.inference_precision = check["precision"]
     model.info["precision_check"] = check
     return cached_engine(model, engine, check["precision"], crop)

@@ -52,10 +52,9 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
 from . import __version__, provenance
-from .engine import cached_engine
 from .images import ImageDecodeError, decode_image, max_pixels
 from .model import default_model_path, load
-from .predict import Prediction, predict
+from .predict import Prediction, current_engine, precision_reason, predict
 
 
 def _env(name: str, default: float) -> float:
@@ -330,7 +329,6 @@ def create_app(model: str = "default", limits: Limits | None = None, api_keys: l
         path = default_model_path() if str(model) == "default" else Path(model)
         state.update(model=clf, sha256=_sha256_file(path), batcher=Batcher(clf, limits),
                      weak_spots=weak_spots(path))
-        state["engine"] = str(cached_engine(clf, "auto", clf.inference_precision, clf.preprocessing["crop"]))
         state["batcher"].start()
         # Warm up: the first forward pass compiles the engine and fills caches.
         await state["batcher"].submit([Image.new("RGB", (256, 256), (128, 96, 64))])
@@ -404,8 +402,12 @@ def create_app(model: str = "default", limits: Limits | None = None, api_keys: l
             raise HTTPException(503, "the model is loading", headers={"Retry-After": "2"})
         clf = state["model"]
         meta = clf.describe()
+        run = current_engine(clf)
         return {
-            "id": state["sha256"], "sha256": state["sha256"], "engine": state["engine"],
+            "id": state["sha256"], "sha256": state["sha256"],
+            # Read back from the compiled engine now: a seed .pth is checked on
+            # its first large batch and may move to bf16 then.
+            "engine": str(run), "precision": precision_reason(clf, run),
             "labels": clf.labels, "display_names": clf.display_names, "human_label": clf.human_label,
             "threshold": clf.threshold, "bands": clf.bands, "preprocessing": clf.preprocessing,
             "backbone": meta["backbone"]["name"], "metrics": clf.info.get("metrics"),
@@ -480,7 +482,7 @@ def _fill(result: dict, p: Prediction, state: dict, heatmap: bool, infer_ms: flo
     result.update({
         "label": p.label, "probs": p.probs, "p_ai": p.p_ai, "threshold": clf.threshold,
         "is_ai": p.is_ai, "verdict": p.verdict, "caveats": p.caveats,
-        "model": {"id": state["sha256"], "engine": state["engine"]},
+        "model": {"id": state["sha256"], "engine": str(current_engine(clf))},
         "provenance": {"summary": provenance.summarise(ev, p.verdict), **ev},
     })
     if heatmap:
