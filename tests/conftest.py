@@ -29,8 +29,19 @@ RAW = SHARED / "raw-samples"
 
 
 def pytest_configure(config):
-    # Converted models and cached features go to a folder of this run, not ~/.cache.
-    os.environ.setdefault("IMAGEORIGIN_CACHE", tempfile.mkdtemp(prefix="imageorigin-test-cache-"))
+    # The suite runs the same on any host, whatever its user has set:
+    # - no imageorigin setting of the host's (an API key, service limits, a device)
+    #   reaches the code under test; converted models, cached features and
+    #   remembered precision checks go to a folder of this run, never a user's cache;
+    for name in [n for n in os.environ if n.startswith("IMAGEORIGIN_") and n not in ("IMAGEORIGIN_SHARED",
+                                                                                     "IMAGEORIGIN_CHROMIUM")]:
+        del os.environ[name]
+    os.environ["IMAGEORIGIN_CACHE"] = tempfile.mkdtemp(prefix="imageorigin-test-cache-")
+    # - on the CPU, even where a GPU is visible (this runs before torch is imported);
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    # - and the test servers on 127.0.0.1 are reached directly, never through a proxy.
+    for name in ("NO_PROXY", "no_proxy"):
+        os.environ[name] = ",".join(filter(None, [os.environ.get(name), "127.0.0.1", "localhost"]))
     if not (BENCH / "manifest.csv").is_file() or not (RAW / "manifest.csv").is_file():
         raise pytest.UsageError(
             f"test data not found under {SHARED}: put the shared folder beside the repository "

@@ -4,12 +4,20 @@ readiness wait, and an `imageorigin serve` process."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+
+
+# The browser the page's tests drive: Debian's chromium (what .ci/run installs),
+# another on PATH, or the one IMAGEORIGIN_CHROMIUM names.
+CHROMIUM = os.environ.get("IMAGEORIGIN_CHROMIUM") or shutil.which("chromium") \
+    or shutil.which("chromium-browser") or "/usr/bin/chromium"
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import SHARED, served
-from serving import serve_process
+from serving import CHROMIUM, serve_process
 from imageorigin.cli import main
 from imageorigin.service import Limits, check_bind, create_app, load_api_keys
 
@@ -155,7 +155,7 @@ def test_the_page_behind_a_key_in_a_real_browser(keyed_server):
 
     url, _ = keyed_server
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         # The browser asks for the key once (HTTP Basic) and sends it with the page's own requests.
         page = browser.new_page(http_credentials={"username": "moderator", "password": KEY})
         violations = []

@@ -19,7 +19,7 @@ from imageorigin.service import _read_upload
 
 from conftest import SHARED
 from fuzz_inputs import DEEP_XMP, ENTITY_BOMB, mutate, seeds, xmp_jpeg
-from serving import serve_process
+from serving import CHROMIUM, serve_process
 
 SEEDS = seeds(SHARED)
 
@@ -153,7 +153,7 @@ def test_a_served_damaged_file_shows_what_the_decoder_said(bench, tmp_path):
         assert result["error"] is None and result["verdict"]
         assert any("Skipping tag 270" in w for w in result["warnings"])
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             page = browser.new_page()
             page.goto(url + "/")
             page.wait_for_selector("#model p")

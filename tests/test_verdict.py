@@ -251,8 +251,9 @@ def _assert_links_exist(md: Path):
 
 
 def test_every_picture_and_file_a_committed_document_links_exists():
-    docs = subprocess.run(["git", "ls-files", "*.md"], cwd=REPO, capture_output=True, text=True,
-                          check=True).stdout.split()
+    # safe.directory: a checkout owned by another user (a CI container's bind mount) is still read
+    docs = subprocess.run(["git", "-c", f"safe.directory={REPO}", "ls-files", "*.md"], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout.split()
     assert "README.md" in docs and any(d.startswith("docs/") for d in docs)
     for doc in docs:
         _assert_links_exist(REPO / doc)
