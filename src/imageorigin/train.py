@@ -44,7 +44,9 @@ from .data import (
 from .engine import check_precision, create_engine
 from .evaluate import evaluate
 from .fileio import atomic_path, write_json
+from .autoencoder import load_autoencoder
 from .model import Classifier, save
+from .pseudofakes import licence_of, pair_accuracy, training_pairs
 from .model import load as load_model
 from .runtime import device
 from .verdict import fit_bands
@@ -102,6 +104,16 @@ class TrainConfig:
     views: int = 1
     cache_dir: str | None = None
     num_workers: int | None = None
+    # Aligned pseudo-fakes (see imageorigin.pseudofakes): the folder of a latent-
+    # diffusion generator's autoencoder.  Each human training image's twin through
+    # it is trained on as an image of class `pseudo_label`, in the same batch as
+    # its real image, with the same crop and degradation (the image loop only).
+    pseudo_fakes: str | None = None
+    pseudo_label: str = "other_ai"
+    # The share of the AI training examples that are twins: None keeps every real
+    # AI image and adds one twin per human image; 1.0 trains on twins alone.
+    pseudo_share: float | None = None
+    pseudo_align: bool = True  # code each twin as its real image was (False: lossless PNG)
 
 
 def train(
@@ -135,6 +147,9 @@ def train(
     if distributed and cfg.feature_cache and not cfg.finetune:
         raise ValueError("--ddp splits the image loop (--finetune, or --no-cache): the frozen "
                          "recipe trains its head on cached features in seconds")
+    if cfg.pseudo_fakes and cfg.feature_cache and not cfg.finetune:
+        raise ValueError("--pseudo-fakes trains each image beside its twin in the image loop: "
+                         "add --finetune (or --no-cache)")
     if ddp > 1 and not dist.is_initialized():
         return _spawn(ddp, data, out_dir, cfg, val, progress, manifest, resume)
     rank, world = _process_group()
@@ -170,6 +185,17 @@ def train(
     for p in model.backbone.parameters():
         p.requires_grad_(cfg.finetune)
 
+    twins = None
+    if cfg.pseudo_fakes:  # each human training image's twin through a generator's autoencoder
+        if model.human_index is None or cfg.pseudo_label not in model.labels or \
+                cfg.pseudo_label == model.human_label:
+            raise ValueError(f"--pseudo-fakes needs a human class and an AI class --pseudo-label "
+                             f"(got {cfg.pseudo_label!r}; classes {model.labels})")
+        autoencoder = load_autoencoder(cfg.pseudo_fakes)
+        twins = training_pairs(train_set, autoencoder, human=model.human_index,
+                               label=model.labels.index(cfg.pseudo_label), share=cfg.pseudo_share,
+                               aligned=cfg.pseudo_align, manifest=manifest, seed=cfg.seed,
+                               progress=progress and lead)
     augment = {"flip": cfg.flip, "rotation": cfg.rotation, "color_jitter": cfg.color_jitter,
                "downscale": cfg.downscale, "blur": cfg.blur, "noise": cfg.noise, "jpeg": cfg.jpeg,
                "random_crop": cfg.train_crop}
@@ -188,10 +214,11 @@ def train(
     else:
         if cfg.batch_size < world:
             raise ValueError(f"--batch-size {cfg.batch_size} cannot be split across {world} processes")
+        items, labels, twin_of = ([p for p, _ in train_set.samples], [y for _, y in train_set.samples], None) \
+            if twins is None else (twins["items"], twins["labels"], twins["twin_of"])
         train_dl = loader(
-            ImageDataset([p for p, _ in train_set.samples], train_transform(model.preprocessing, augment),
-                         [y for _, y in train_set.samples]),
-            cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed, rank=rank, world=world,
+            ImageDataset(items, train_transform(model.preprocessing, augment), labels),
+            cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed, rank=rank, world=world, twin_of=twin_of,
         )
         # Every process holds the whole model; DistributedDataParallel averages
         # the gradients of the trainable parameters across them after each backward.
@@ -306,6 +333,12 @@ def train(
             "temperature": model.temperature, "threshold": model.threshold,
             "target_fpr": cfg.target_fpr, "counts": calib_set.counts(),
         }
+    if twins is not None:  # what the pseudo-fakes were, and whether the trace was learned at all
+        model.info["pseudo_fakes"] = {
+            **twins["info"], "folder": str(cfg.pseudo_fakes), "licence": licence_of(cfg.pseudo_fakes),
+            "label": cfg.pseudo_label,
+            "val_pairs": pair_accuracy(model, [p for p, y in val_set.samples if y == model.human_index],
+                                       autoencoder, aligned=cfg.pseudo_align, manifest=manifest)}
     # The whole run: data scan, feature extraction, epochs and calibration.
     model.info["training"]["wall_seconds"] = round(time.perf_counter() - began, 1)
     save(model, out / "model.safetensors")
