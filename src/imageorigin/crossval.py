@@ -183,7 +183,7 @@ def crossval(
         pick = lambda mask: [s for s, m in zip(samples, mask) if m]  # noqa: E731
         train_set = LabelledFolder(pool.root, pool.classes, pick(~held & ~in_ref))
         val_set = LabelledFolder(ref.root, ref.classes, pick(~held & in_ref))
-        model = train(train_set, out / _slug(name), cfg, val=val_set, progress=progress,
+        model = train(train_set, out / _slug(name), cfg, val=val_set, progress=progress, manifest=manifest,
                       resume=resume and can_resume(out / _slug(name), cfg))
         idx = np.flatnonzero(test)
         preds = list(predict(model, [samples[i][0] for i in idx], batch_size=cfg.batch_size,
