@@ -97,6 +97,22 @@ def test_twins_are_coded_as_their_real_images_cached_and_bad_files_named(taef2, 
     assert Image.open(lossless.twin[0]).format == "PNG"
 
 
+def test_camera_jpegs_lossless_webp_and_tiny_images_get_the_right_twin(taef2, humans, tmp_path):
+    image = imageorigin.decode_image(humans[0])
+    mpo = tmp_path / "camera.jpg"  # a multi-picture JPEG, as phones write them
+    image.save(mpo, "MPO", save_all=True, append_images=[image.resize((64, 64))], quality=80)
+    webp = tmp_path / "lossless.webp"
+    image.save(webp, "WEBP", lossless=True)
+    tiny = tmp_path / "tiny.png"
+    image.resize((3, 20)).save(tiny)
+    made = make_twins([mpo, webp, tiny], taef2, cache=tmp_path / "cache", progress=False)
+    assert made.errors == []
+    with Image.open(mpo) as real, Image.open(made.twin[0]) as twin:
+        assert twin.format == "JPEG" and twin.quantization == real.quantization
+    assert Image.open(made.twin[1]).format == "PNG"  # lossless in, lossless twin
+    assert Image.open(made.twin[2]).size == (3, 20)
+
+
 def test_a_twin_shares_its_real_images_batch_crop_flip_and_degradation(taef2, small_folder):
     folder = scan_folder(small_folder(4, view="native/train"))
     pairs = training_pairs(folder, taef2, human=1, label=2, progress=False)

@@ -167,6 +167,25 @@ def test_onnx_export_matches_pytorch_in_onnx_runtime(default, val_images, tmp_pa
                                    default.scores(ref)[0].numpy(), atol=1e-5)
 
 
+def test_an_exported_model_checked_where_bf16_could_not_run_is_checked_again_where_it_can(
+        default, val_images, tmp_path, monkeypatch, capsys):
+    # trained on a CPU without bf16, exported, used on one that has it (said to have it here)
+    stored, default.info["precision_check"] = default.info["precision_check"], dict(NO_BF16)
+    try:
+        path = imageorigin.export_onnx(default, tmp_path / "model.onnx")
+    finally:
+        default.info["precision_check"] = stored
+    monkeypatch.setattr(engine_module, "host_bf16", lambda: True)
+    assert main(["info", str(path)]) == 0
+    assert "not checked on this machine yet (checked where bf16 could not run)" in capsys.readouterr().out
+    assert main(["predict", "--model", str(path), *map(str, val_images[:20]), "--format", "csv",
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    err = capsys.readouterr().err
+    # checked on the first batch; where the CPU really has no bf16 the engine says so
+    assert "checked on the first 20 images given to predict" in err or \
+        "precision fp32: the engine compiled for bf16 runs fp32 here" in err
+
+
 def test_export_refuses_an_unknown_format(tmp_path, capsys):
     assert main(["export", "default", str(tmp_path / "model.bin")]) == 2
     assert ".onnx" in capsys.readouterr().err

@@ -129,7 +129,9 @@ class Autoencoder(nn.Module):
         h, w = x.shape[-2:]
         pad_h, pad_w = -h % self.factor, -w % self.factor
         if pad_h or pad_w:
-            x = nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > 1 else "replicate")
+            # reflection needs the pad to be shorter than the side; tiny images repeat their edge
+            mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+            x = nn.functional.pad(x, (0, pad_w, 0, pad_h), mode=mode)
         y = self(x)[0, :, :h, :w]  # (3, H, W)
         out = (y.permute(1, 2, 0).numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
         return Image.fromarray(out, "RGB")

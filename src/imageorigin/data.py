@@ -477,7 +477,8 @@ class ShardedBatches(torch.utils.data.Sampler):
                  units: list[list[int]] | None = None):
         self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
         self.units = units if units is not None else [[i] for i in range(len(dataset))]
-        self.per_batch = max(1, round(batch_size * len(self.units) / max(1, len(dataset))))
+        # At least one unit per process: a batch short of that repeats the shuffle's first unit.
+        self.per_batch = max(1, world, round(batch_size * len(self.units) / max(1, len(dataset))))
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

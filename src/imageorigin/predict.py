@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .data import ImageDataset, batches, crop_boxes
 from . import engine as engines
-from .engine import Engine, cached_engine, check_outcome, check_precision, needs_check, weights_digest
+from .engine import Engine, cached_engine, check_outcome, check_precision, model_digest, needs_check
 from .fileio import write_json
 from . import provenance
 from .model import Classifier
@@ -171,12 +171,13 @@ def precision_reason(model: Classifier, run: Engine) -> str:
     words: its precision check's outcome (e.g. "fp32: this CPU has no bf16"),
     and where the model asks for bf16 but this CPU has none, that fp32 runs."""
     check = model.info.get("precision_check")
-    if check:
+    if not needs_check(check):
         why = check_outcome(check)
     elif not engines.host_bf16():  # looked up here, so tests can take bf16 away
         why = "fp32: this CPU has no bf16"
     else:
-        why = "not checked yet: predict checks bf16 on the first batch of images it is given"
+        why = ("not checked on this machine yet (checked where bf16 could not run)" if check else
+               "not checked yet") + ": predict checks bf16 on the first batch of images it is given"
     if model.inference_precision == "bf16" and run.precision != "bf16":
         why += "; this CPU has no bf16, so fp32 runs"
     return why
@@ -186,7 +187,7 @@ def _remembered(model: Classifier) -> Path:
     """Where the precision check of a checkpoint that had none is remembered: per
     weights' digest, beside the converted models, so later runs on the same
     file skip the check and its second compilation."""
-    return cache_dir() / "precision" / f"{weights_digest(model, model.preprocessing['crop'])}.json"
+    return cache_dir() / "precision" / f"{model_digest(model, model.preprocessing['crop'])}.json"
 
 
 def _check_on(model: Classifier, images, engine: str):
@@ -200,7 +201,7 @@ def _check_on(model: Classifier, images, engine: str):
     in words), so the rest of this run and later calls use it, and callers can
     say which it was."""
     crop = model.preprocessing["crop"]
-    if len(images) < CHECK_MIN_IMAGES and cached_engine(model, engine, "bf16", crop).precision == "bf16":
+    if len(images) < CHECK_MIN_IMAGES and engines.host_bf16():
         # Too few to judge (and too few for speed to matter): fp32 now, checked on a larger call.
         return cached_engine(model, engine, "fp32", crop)
     check = check_precision(model, images, engine)

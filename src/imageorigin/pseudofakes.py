@@ -41,6 +41,9 @@ from .images import ImageDecodeError, decode_image
 from .runtime import cache_dir
 
 _WEBP_ROUNDTRIP = re.compile(r"webp-roundtrip-q(\d+)")
+# The autoencoder's 64-channel float activations take about 256 bytes a pixel at
+# full resolution: 4 megapixels stay near 1 GB; larger images get no twin.
+MAX_PIXELS = 4_000_000
 
 
 @dataclass
@@ -61,17 +64,30 @@ def file_coding(path, manifest_coding: str | None = None) -> dict:
     ``{"format": "WEBP", "quality": 90}``, plus ``"webp_roundtrip": q`` where the
     manifest says the original went through lossy WebP first."""
     with Image.open(path) as im:
-        fmt = im.format
+        fmt = {"MPO": "JPEG"}.get(im.format, im.format)  # a camera's multi-picture JPEG is a JPEG
         out: dict = {"format": fmt if fmt in ("JPEG", "WEBP") else "PNG"}
         if fmt == "JPEG":
             out["qtables"] = {k: list(v) for k, v in im.quantization.items()}
             out["subsampling"] = JpegImagePlugin.get_sampling(im)
+        elif fmt == "WEBP" and _webp_lossless(im.fp):
+            out["format"] = "PNG"  # a lossless WebP: its twin stays lossless too
         elif fmt == "WEBP":
             out["quality"] = 90
     m = _WEBP_ROUNDTRIP.fullmatch(manifest_coding or "")
     if m:
         out["webp_roundtrip"] = int(m.group(1))
     return out
+
+
+def _webp_lossless(fp) -> bool:
+    """Whether a WebP file's image chunk is lossless (VP8L) rather than lossy (VP8)."""
+    fp.seek(12)
+    while len(head := fp.read(8)) == 8:
+        fourcc, size = head[:4], int.from_bytes(head[4:], "little")
+        if fourcc in (b"VP8L", b"VP8 "):
+            return fourcc == b"VP8L"
+        fp.seek(size + (size & 1), 1)  # chunks are padded to an even size
+    return False
 
 
 def encode_like(image: Image.Image, coding: dict) -> bytes:
@@ -132,8 +148,16 @@ def make_twins(files: Sequence[str | os.PathLike], autoencoder: Autoencoder, *,
         except (ImageDecodeError, OSError) as err:
             out.errors.append(str(err) if isinstance(err, ImageDecodeError) else f"{path}: {err}")
             continue
+        if image.width * image.height > MAX_PIXELS:
+            out.errors.append(f"{path}: {image.width}x{image.height} is over the {MAX_PIXELS // 10**6} "
+                              "megapixels the autoencoder is run on here: no twin")
+            continue
         twin = folder / (stem + _SUFFIX[coding["format"]])
-        encoded = encode_like(autoencoder.reconstruct(image), coding)
+        try:
+            encoded = encode_like(autoencoder.reconstruct(image), coding)
+        except Exception as err:  # noqa: BLE001 - one odd file must not end the run
+            out.errors.append(f"{path}: no twin ({type(err).__name__}: {err})")
+            continue
         with atomic_path(twin) as tmp:  # an interrupted run leaves no half-written twin
             Path(tmp).write_bytes(encoded)
         out.twin[i], out.computed = twin, out.computed + 1
@@ -217,9 +241,12 @@ def pair_accuracy(model, humans: Sequence[Path], autoencoder: Autoencoder, *, al
     pairs = [(h, t) for h, t in zip(humans, made.twin) if t is not None]
     if not pairs:
         return {"pairs": 0, "twin_scored_higher": None, "auc": None}
-    real = [p.p_ai for p in predict(model, [h for h, _ in pairs])]
-    fake = [p.p_ai for p in predict(model, [t for _, t in pairs])]
+    # fp32: a model without a stored precision check must not be checked (and changed) here
+    real = [p.p_ai for p in predict(model, [h for h, _ in pairs], precision="fp32")]
+    fake = [p.p_ai for p in predict(model, [t for _, t in pairs], precision="fp32")]
     ok = [(r, f) for r, f in zip(real, fake) if r is not None and f is not None]
+    if not ok:
+        return {"pairs": 0, "twin_scored_higher": None, "auc": None}
     higher = sum(f > r for r, f in ok) / len(ok)
     auc = roc_auc_score([0] * len(ok) + [1] * len(ok), [r for r, _ in ok] + [f for _, f in ok])
     return {"pairs": len(ok), "twin_scored_higher": round(higher, 4), "auc": round(float(auc), 4)}

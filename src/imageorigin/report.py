@@ -504,7 +504,9 @@ def _pseudo_fake_lines(pf: dict | None) -> list[str]:
             f"`{pf['label']}` beside its real image (same batch, crop and degradation), "
             + ("coded as the real image was" if pf["aligned_coding"] else "saved losslessly")
             + f"; {pf['share_of_ai_examples']:.0%} of the AI training examples ({pf['real_ai_images']} real "
-            f"AI images){told}."]
+            f"AI images){told}"
+            + (f"; {len(pf['errors'])} human images got no twin (listed in the checkpoint's "
+               "`info.pseudo_fakes.errors`)" if pf.get("errors") else "") + "."]
 
 
 def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = None) -> Path:

@@ -192,10 +192,15 @@ def train(
             raise ValueError(f"--pseudo-fakes needs a human class and an AI class --pseudo-label "
                              f"(got {cfg.pseudo_label!r}; classes {model.labels})")
         autoencoder = load_autoencoder(cfg.pseudo_fakes)
-        twins = training_pairs(train_set, autoencoder, human=model.human_index,
-                               label=model.labels.index(cfg.pseudo_label), share=cfg.pseudo_share,
-                               aligned=cfg.pseudo_align, manifest=manifest, seed=cfg.seed,
-                               progress=progress and lead)
+        pairs = lambda folder, bar: training_pairs(  # noqa: E731
+            folder, autoencoder, human=model.human_index, label=model.labels.index(cfg.pseudo_label),
+            share=cfg.pseudo_share, aligned=cfg.pseudo_align, manifest=manifest, seed=cfg.seed, progress=bar)
+        if world > 1:  # each process makes its share of the twins; then all read them from the cache
+            pairs(LabelledFolder(train_set.root, train_set.classes, train_set.samples[rank::world]), progress)
+            dist.barrier()
+        twins = pairs(train_set, progress and lead)
+        for err in twins["info"]["errors"] if lead else ():
+            print(f"imageorigin: warning: {err}", file=sys.stderr)
     augment = {"flip": cfg.flip, "rotation": cfg.rotation, "color_jitter": cfg.color_jitter,
                "downscale": cfg.downscale, "blur": cfg.blur, "noise": cfg.noise, "jpeg": cfg.jpeg,
                "random_crop": cfg.train_crop}
@@ -410,6 +415,8 @@ def changed_settings(earlier: dict, now: dict) -> list[str]:
     """The training settings (``asdict(TrainConfig)``, or their JSON) in which two
     runs differ, leaving out those that change only their speed."""
     earlier, now = json.loads(json.dumps(earlier)), json.loads(json.dumps(now))
+    # A setting added since the earlier run had its default then.
+    earlier = {**json.loads(json.dumps(asdict(TrainConfig()))), **earlier}
     return sorted(k for k in set(earlier) | set(now) if k not in _SPEED_ONLY and earlier.get(k) != now.get(k))
 
 
