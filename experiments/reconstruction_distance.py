@@ -48,12 +48,13 @@ def crop_distances(real: Path, twin: Path, crop: int = 96, n: int = 3) -> np.nda
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--autoencoder", default=str(SHARED / "decoders/taef2"))
+    p.add_argument("--views", nargs="+", default=["native", "resized"], choices=["native", "resized"])
     p.add_argument("--out", required=True)
     args = p.parse_args()
     ae = load_autoencoder(args.autoencoder)
     rows = read_manifest([SHARED / s / "manifest.csv" for s in SETS], ("path", "source", "label"))
     result: dict = {"autoencoder": ae.name, "views": {}}
-    for view in ("native", "resized"):
+    for view in args.views:
         files = sorted(find_images([SHARED / s / view / "val" for s in SETS]))
         print(f"{view}: {len(files)} images", file=sys.stderr)
         twins = make_twins(files, ae, aligned=False, progress=sys.stderr.isatty())
