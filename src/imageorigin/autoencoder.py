@@ -26,6 +26,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .backbones import load_state_dict_file
+
 
 class AutoencoderError(ValueError):
     """An autoencoder folder or file cannot be used; the message names it."""
@@ -94,15 +96,16 @@ def _build(state: dict, decoder: bool, name: str) -> nn.Sequential:
 
 
 def _read_state(path: Path) -> dict:
-    """Plain tensors from a .safetensors or .pth file; a .pth is read with
-    ``weights_only=True``, so a file holding code is refused, never run."""
+    """Plain tensors from a .safetensors or .pth file; a .pth is read by
+    :func:`imageorigin.backbones.load_state_dict_file` (``weights_only=True``),
+    so a file holding code is refused, never run."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError, safetensors errors, OSError ...
+        return load_state_dict_file(path)
+    except Exception as err:  # BackboneWeightsError, safetensors errors, OSError ...
         raise AutoencoderError(f"{path}: not a plain tensor file ({type(err).__name__}: {err})") from None
 
 

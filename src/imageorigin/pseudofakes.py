@@ -215,7 +215,7 @@ def training_pairs(folder: LabelledFolder, autoencoder: Autoencoder, *, human: i
             real_ai = []
     twinned = {h: t for h, t in pairs}
     items, labels, twin_of = [], [], []
-    for p, y in [(p, y) for p, y in folder.samples if y == human] + real_ai:
+    for p, y in [(h, human) for h in humans] + real_ai:
         items.append(p), labels.append(y), twin_of.append(None)
         if p in twinned:
             twin_of.append(len(items) - 1)

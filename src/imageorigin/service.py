@@ -444,8 +444,10 @@ def create_app(model: str = "default", limits: Limits | None = None, api_keys: l
             except (Busy, asyncio.TimeoutError):
                 raise HTTPException(503, "the server is busy: retry shortly", headers={"Retry-After": "1"})
             infer_ms = round(1000 * (time.perf_counter() - started), 1)
+            # Once a request, after its predictions: the engine they ran on, read back from it.
+            engine = str(current_engine(state["model"]))
             for slot, p in zip(slots, preds):
-                _fill(results[slot], p, state, heatmap, infer_ms)
+                _fill(results[slot], p, state, heatmap, infer_ms, engine)
         if not images:
             return JSONResponse({"results": results, "error": "none of the files could be read"},
                                 status_code=422)
@@ -475,14 +477,14 @@ def _read_upload(name: str, data: bytes) -> tuple[dict, Image.Image | None]:
     return result, image
 
 
-def _fill(result: dict, p: Prediction, state: dict, heatmap: bool, infer_ms: float) -> None:
+def _fill(result: dict, p: Prediction, state: dict, heatmap: bool, infer_ms: float, engine: str) -> None:
     """Add the pixel verdict and the provenance summary to a file's result."""
     clf = state["model"]
     ev = result.pop("_provenance")
     result.update({
         "label": p.label, "probs": p.probs, "p_ai": p.p_ai, "threshold": clf.threshold,
         "is_ai": p.is_ai, "verdict": p.verdict, "caveats": p.caveats,
-        "model": {"id": state["sha256"], "engine": str(current_engine(clf))},
+        "model": {"id": state["sha256"], "engine": engine},
         "provenance": {"summary": provenance.summarise(ev, p.verdict), **ev},
     })
     if heatmap:
