@@ -94,3 +94,14 @@ def test_info_and_export(capsys, tmp_path):
     assert main(["export", "default", str(tmp_path / "x.pth")]) == 2
     assert "densenet121" in capsys.readouterr().err
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_predict_into_a_closed_pipe_stops_quietly(raw):
+    """`imageorigin predict DIR | head -1`: the header line, then silence, not a BrokenPipeError."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(f'"{sys.executable}" -m imageorigin.cli predict "{raw}" --format csv | head -1',
+                         shell=True, capture_output=True, text=True, executable="/bin/bash")
+    assert run.stdout.startswith("path,verdict,")
+    assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr

@@ -15,7 +15,8 @@ from imageorigin.evaluate import PERTURBATIONS
 
 PLOTS = ("confusion_matrix.png", "gallery.png", "roc.png", "pr.png", "reliability.png")
 SWEEP = [("clean", None), ("jpeg", 90), ("jpeg", 70), ("jpeg", 50), ("jpeg", 30),
-         ("downscale", 0.5), ("downscale", 0.25), ("blur", 1), ("blur", 2)]
+         ("downscale", 0.5), ("downscale", 0.25), ("blur", 1), ("blur", 2),
+         ("sharpen", 1), ("sharpen", 2)]
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +221,8 @@ def test_robustness_sweep_and_unlisted_files(small_folder, bench, tmp_path):
     assert sum(s["n"] for s in m["per_source"].values()) == m["n_images"] == 31
     report = (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "out" / "robustness.png").read_bytes()[:4] == b"\x89PNG"
-    assert "](robustness.png)" in report and "| JPEG q30 |" in report and "| blur σ=2 |" in report
+    assert "](robustness.png)" in report and "| JPEG q30 |" in report and "| blur σ=2 |" in report \
+        and "| sharpen 200% |" in report
 
 
 def test_stored_threshold_rates_match_the_predictions(small_folder, tmp_path):

@@ -219,3 +219,16 @@ def test_ray_scan_on_a_two_node_cluster_matches_the_local_scan_and_survives_losi
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_results_and_scan_name_a_wrong_path_without_a_traceback(tmp_path, capsys):
+    assert main(["results", str(tmp_path / "nope.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.sqlite: no such results database" in err and "Traceback" not in err
+    (tmp_path / "notes.sqlite").write_text("not a database\n")
+    assert main(["results", str(tmp_path / "notes.sqlite")]) == 2
+    assert "notes.sqlite: file is not a database" in capsys.readouterr().err
+    # A mistyped folder: the same status as any user error, and no empty database left behind.
+    assert main(["scan", str(tmp_path / "nosuchdir"), "--db", str(tmp_path / "x.sqlite"), "--quiet"]) == 2
+    assert "no such file or folder to scan: " in capsys.readouterr().err
+    assert not (tmp_path / "x.sqlite").exists()

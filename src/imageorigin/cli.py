@@ -7,6 +7,7 @@ import contextlib
 import csv
 import json
 import logging
+import os
 import sys
 from dataclasses import fields
 from typing import Iterable, TextIO
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imageorigin: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`imageorigin predict ... | head -1`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush has nowhere to fail
+        return 141  # 128 + SIGPIPE, as a shell tool killed by the closed pipe reports
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--manifest", metavar="CSV", nargs="+",
                    help="CSV(s) with path and source columns: adds per-source figures")
     e.add_argument("--no-robustness", dest="robustness", action="store_false",
-                   help="skip the JPEG / downscale / blur sweep (8 more passes over the data)")
+                   help="skip the JPEG / downscale / blur / sharpen sweep (10 more passes over the data)")
     e.add_argument("--no-samples", dest="samples", action="store_false",
                    help="draw no gallery of the images (for a report published where they may not be copied)")
     e.add_argument("--batch-size", type=int, default=32, help="images per forward pass")

@@ -166,7 +166,8 @@ def overlay(image_path, prediction, path) -> Path:
 
 
 def setting_name(row: dict) -> str:
-    """A robustness row's setting as a person reads it: "JPEG q30", "downscale 1/4", "blur σ=2"."""
+    """A robustness row's setting as a person reads it: "JPEG q30", "downscale 1/4", "blur σ=2",
+    "sharpen 200%"."""
     name, param = row["perturbation"], row["param"]
     if name == "jpeg":
         return f"JPEG q{param}"
@@ -174,6 +175,8 @@ def setting_name(row: dict) -> str:
         return f"downscale 1/{round(1 / param)}"
     if name == "blur":
         return f"blur σ={param:g}"
+    if name == "sharpen":
+        return f"sharpen {round(100 * param)}%"
     return name
 
 

@@ -137,6 +137,10 @@ def scan(paths: Iterable[str | os.PathLike], db: str | os.PathLike | None = None
     """
     if (db is None) == (out is None):
         raise ValueError("give either a SQLite database (db) or a Parquet folder (out)")
+    paths = list(paths)
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:  # before the store is made: a mistyped folder leaves no empty database behind
+        raise FileNotFoundError(f"no such file or folder to scan: {', '.join(missing)}")
     checkpoint = default_model_path() if str(model) == "default" else Path(model)
     model_id = _sha256(checkpoint)
     store = SqliteStore(db) if out is None else ParquetStore(out, model_id)
@@ -147,7 +151,6 @@ def scan(paths: Iterable[str | os.PathLike], db: str | os.PathLike | None = None
         clf = load(model)
         classify = lambda todo, stats: (_row(p, model_id, stats) for p in predict(  # noqa: E731
             clf, todo, batch_size=batch_size, num_workers=num_workers, evidence=evidence))
-    paths = list(paths)
     total = sum(1 for _ in walk_images(paths)) if progress else None  # a listing pass: no memory kept
     done = {"scanned": 0, "skipped": 0}
     bar = tqdm(total=total, unit="file", desc="scan", disable=not progress, smoothing=0.05)
@@ -363,6 +366,9 @@ def export(db: str | os.PathLike, out, fmt: str = "csv", where: str | None = Non
     csv, jsonl or parquet to ``out`` (a path; csv / jsonl may be a text stream).
     ``db`` is a SQLite file, opened read-only, or a scan's Parquet folder (its
     newest row per file, queried in memory).  Returns the row count."""
+    if not Path(db).exists():
+        raise FileNotFoundError(f"{db}: no such results database or Parquet folder "
+                                "(imageorigin scan writes one with --db FILE or --out FOLDER)")
     if Path(db).is_dir():
         con = sqlite3.connect(":memory:")
         con.execute(SCHEMA)
@@ -371,6 +377,8 @@ def export(db: str | os.PathLike, out, fmt: str = "csv", where: str | None = Non
     else:
         con = sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True)
     try:
+        if not con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'results'").fetchone():
+            raise ValueError(f"{db}: not a results database of imageorigin scan (it has no results table)")
         cur = con.execute(f"SELECT {', '.join(COLUMNS)} FROM results"
                           + (f" WHERE {where}" if where else "") + " ORDER BY path, model")
         rows, n = cur, 0
@@ -408,7 +416,7 @@ def export(db: str | os.PathLike, out, fmt: str = "csv", where: str | None = Non
             if stream is not out:
                 stream.close()
         return n
-    except sqlite3.OperationalError as err:
+    except sqlite3.DatabaseError as err:  # not SQLite, or a --where that is not SQL
         raise ValueError(f"{db}: {err}") from None
     finally:
         con.close()
