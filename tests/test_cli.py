@@ -9,7 +9,7 @@ import pytest
 import imageorigin
 from imageorigin.cli import main
 
-COLUMNS = ["path", "verdict", "label", "p_dalle", "p_human", "p_other_ai", "p_ai", "is_ai", "caveats", "error",
+COLUMNS = ["path", "verdict", "generator", "p_dalle", "p_human", "p_other_ai", "p_ai", "is_ai", "caveats", "error",
            "warnings"]
 
 
@@ -31,8 +31,10 @@ def test_predict_table_on_the_raw_samples(raw, capsys):
     assert len(rows) == 15  # 15 images, folders searched recursively
     assert lines[-1].startswith("15 images: ") and lines[-1].endswith(" 0 errors")
     for r in rows:
-        assert r["label"] in ("dalle", "human", "other_ai")
         assert r["verdict"] in ("likely_ai", "uncertain", "likely_human")
+        # the generator is named only for an AI verdict: never "human", never a guess below the cut
+        assert r["generator"] == ("" if r["verdict"] != "likely_ai" else r["generator"])
+        assert r["generator"] in ("", "dalle", "other_ai")
         probs = [float(r[f"p_{c}"]) for c in ("dalle", "human", "other_ai")]
         assert sum(probs) == pytest.approx(1, abs=2e-4)
         assert float(r["p_ai"]) == pytest.approx(1 - probs[1], abs=2e-4)
@@ -52,9 +54,10 @@ def test_bad_file_gets_an_error_row_and_the_batch_goes_on(raw, tmp_path, capsys)
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0]) == COLUMNS and len(rows) == 4
     bad = [r for r in rows if r["path"].endswith("broken.png")][0]
-    assert "broken.png" in bad["error"] and bad["label"] == "" and bad["p_ai"] == ""
+    assert "broken.png" in bad["error"] and bad["generator"] == "" and bad["p_ai"] == ""
     good = [r for r in rows if r is not bad]
-    assert all(r["error"] == "" and r["label"] for r in good)
+    assert all(r["error"] == "" and r["p_ai"] for r in good)
+    assert all(bool(r["generator"]) == (r["verdict"] == "likely_ai") for r in good)
 
 
 def test_jsonl_matches_the_python_api(raw, capsys):
@@ -64,7 +67,7 @@ def test_jsonl_matches_the_python_api(raw, capsys):
     api = list(imageorigin.predict(imageorigin.load(), files))
     assert [r["path"] for r in rows] == [str(f) for f in files]
     for r, p in zip(rows, api):
-        assert r["label"] == p.label and r["p_ai"] == pytest.approx(p.p_ai, abs=1e-6)
+        assert r["generator"] == (p.label if p.verdict == "likely_ai" else None) and r["p_ai"] == pytest.approx(p.p_ai, abs=1e-6)
         assert r["error"] is None
         # the default scores a 3x3 grid of crops: the patch map comes with each row
         assert len(r["patches"]) == 9
@@ -105,3 +108,16 @@ def test_predict_into_a_closed_pipe_stops_quietly(raw):
                          shell=True, capture_output=True, text=True, executable="/bin/bash")
     assert run.stdout.startswith("path,verdict,")
     assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr
+
+
+def test_the_table_never_rounds_p_ai_onto_the_cut(raw, capsys):
+    """A cut a hair above an image's p_ai: the table shows both with enough decimals to read the side."""
+    image = sorted((raw / "dalle").iterdir())[0]
+    p = next(imageorigin.predict(imageorigin.load(), [image])).p_ai
+    cut = p + 3e-6
+    assert main(["predict", str(image), "--threshold", f"{cut:.8f}", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shown_cut = lines[0].split("p_ai >= ")[1].split()[0]
+    [row] = _table(lines[1:-1])
+    assert row["verdict"] != "likely_ai" and row["p_ai"] != shown_cut
+    assert float(row["p_ai"]) < float(shown_cut) and len(shown_cut.split(".")[1]) == len(row["p_ai"].split(".")[1])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import imageorigin
+import imageorigin.report
 from imageorigin.cli import main
 from imageorigin.evaluate import PERTURBATIONS
 
@@ -77,7 +78,7 @@ def test_plots_and_predictions(result):
     for name in ("confusion_matrix.png", "gallery.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     lines = (out / "predictions.csv").read_text().splitlines()
-    assert lines[0].startswith("true_label,path,verdict,label,p_dalle")
+    assert lines[0].startswith("true_label,path,verdict,generator,p_dalle")
     assert len(lines) == 283
 
 
@@ -96,10 +97,15 @@ def test_folder_with_unknown_class_is_refused(small_folder):
         imageorigin.evaluate(imageorigin.load(), data)
 
 
-def test_summary_line_names_the_ranking_figures(cli_run):
-    _, m, stdout = cli_run
-    assert f"ap {m['ai_vs_human_ap']:.4f}" in stdout
-    assert f"tpr@5%fpr {m['tpr_at_fpr']['0.05']:.4f}" in stdout
+def test_the_terminal_shows_the_reports_headline(cli_run):
+    out, m, stdout = cli_run
+    lines = stdout.splitlines()
+    assert lines[0] == f"{m['n_images']} images, 0 unreadable"
+    report = (out / "report.md").read_text()
+    for measure, value in imageorigin.report.headline(m):
+        assert any(l.startswith(measure) and l.endswith(f"  {value}") for l in lines), measure
+        assert f"| {measure} | {value} |" in report  # the same figures as the report's table
+    assert lines[1].startswith("3-class accuracy (arg-max class)")  # the model's own class count
 
 
 def test_per_source_figures(result, bench):

@@ -192,6 +192,13 @@ def test_the_page_in_a_real_browser(server, raw, tmp_path):
         assert "Likely made by a person" in page.locator("article.card[data-name$='65084.jpg']").inner_text()
         assert "Could not read this file" in page.locator("article.card[data-name='broken.png']").inner_text()
         assert page.locator("#table tbody tr").count() == 3
+        # the generator is named for an AI verdict only: a photo's row leaves it empty
+        assert "generator (AI verdicts)" in page.inner_text("#table thead")
+        photo_row = page.locator("#table tbody tr", has_text="65084.jpg").locator("td")
+        assert photo_row.nth(1).inner_text() == "Likely made by a person" and photo_row.nth(3).inner_text() == ""
+        # a p_ai a hair under its cut is never rounded onto it ("0.924 (likely AI from 0.924)")
+        assert page.evaluate("apart(0.92425, 0.92431, 0.2493)") == ["0.92425", "0.92431", "0.24930"]
+        assert page.evaluate("apart(0.5, 0.9243, 0.2493)") == ["0.500", "0.924", "0.249"]
         # the heatmap is drawn: its canvas holds painted pixels
         painted = page.evaluate("""() => { const c = document.querySelector("article.card[data-name='firefly.png'] canvas");
             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;

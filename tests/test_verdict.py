@@ -44,16 +44,16 @@ def test_predict_table_gives_one_readable_verdict_per_row_and_a_summary(val_file
     header, columns, rows, summary = lines[0], lines[1].split(), lines[2:-1], lines[-1]
     default = imageorigin.load("default")
     assert f"likely AI: p_ai >= {default.threshold:.4f} (stored in the model)" in header
-    assert columns[:3] == ["path", "verdict", "label"] and "caveats" in columns
+    assert columns[:3] == ["path", "verdict", "generator"] and "caveats" in columns
     assert len(rows) == len(val_files)
+    starts = [i for i, ch in enumerate(lines[1]) if ch != " " and (i == 0 or lines[1][i - 1] == " ")]
     flagged = 0
     for row in rows:
-        cells = row.split()
-        verdict, label = cells[1], cells[2]
-        assert verdict in BANDS
-        is_ai = cells[columns.index("is_ai")]
-        assert not (label == "human" and is_ai == "True")
-        flagged += verdict == "likely_ai"
+        cells = dict(zip(columns, (row[a:b].strip() for a, b in zip(starts, starts[1:] + [None]))))
+        assert cells["verdict"] in BANDS
+        # the generator is named for an AI verdict only, and is_ai agrees with the verdict
+        assert bool(cells["generator"]) == (cells["verdict"] == "likely_ai") == (cells["is_ai"] == "True")
+        flagged += cells["verdict"] == "likely_ai"
     assert re.fullmatch(rf"{len(val_files)} images: {flagged} flagged as AI \(likely AI\), \d+ uncertain, "
                         r"\d+ likely human, 0 errors", summary)
 
@@ -82,6 +82,12 @@ def test_bands_come_from_calibration_scores():
     assert band(bands["likely_human"] + 1e-3, bands, 0.9, []) == "uncertain"
     assert band(0.01, bands, 0.9, []) == "likely_human"
     assert band(0.95, bands, 0.9, ["small image: ..."]) == "uncertain"
+    assert not bands["widened"]
+    # A tiny calibration split whose AI images all lie above the cut: the fitted band would be
+    # one point (likely human up to 0.2241, likely AI from 0.2241); it is widened, and says so.
+    tiny = fit_bands(np.array([0.05, 0.1, 0.2, 0.3, 0.5, 0.8]), np.array([1, 1, 1, 0, 0, 0], bool), 0.2241)
+    assert tiny["widened"] and tiny["likely_human"] == pytest.approx(1 / (1 + np.exp(1 - np.log(0.2241 / 0.7759))))
+    assert band(0.15, tiny, 0.2241, []) == "uncertain" and band(0.05, tiny, 0.2241, []) == "likely_human"
 
 
 # ---------------------------------------------------------------- out of scope
@@ -206,12 +212,24 @@ def test_own_class_names_with_human_class_and_small_data_warnings(own_data, tmp_
     assert "the threshold is fitted on only" in err
     model = imageorigin.load(run / "model.safetensors")
     assert model.human_label == "real" and model.threshold is not None
-    assert model.bands["likely_human"] <= model.threshold
+    # The uncertain band is a band, at least one logit wide, however few calibration images there are.
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert logit(model.threshold) - logit(model.bands["likely_human"]) >= 1 - 1e-9
+    if model.bands["widened"]:  # set by the rule, not the data: said on the terminal and the card
+        assert "so the data left no uncertain band" in err
     [p] = imageorigin.predict(model, [next((own_data / "real").iterdir())])
     assert p.p_ai is not None and p.verdict in BANDS
     card = (run / "MODEL_CARD.md").read_text()
     assert "**Human class**: `real`" in card
     assert "**Small data**: the validation set is small" in card
+    assert ("so the data left no uncertain band" in card) == model.bands["widened"]
+    # A frozen backbone with a trained head is not called fine-tuned.
+    assert card.splitlines()[card.splitlines().index("---", 1) + 1].startswith(
+        "# **Linear-probe (frozen) mobilenet_v2 for Image Classification**")
+    # The card's time covers the run a user waited for, its validation report included.
+    took = re.search(r"\*\*Wall-clock time\*\*: ([\d.]+) s to train and calibrate, ([\d.]+) s with the "
+                     r"validation report", card)
+    assert took and float(took[2]) >= float(took[1]) == model.info["training"]["wall_seconds"]
     assert "DH3" not in card  # limitations of this run's own data, not the bench's
     # The kept epoch is the best on validation, and the card says which.
     history = json.loads((run / "history.json").read_text())

@@ -354,11 +354,11 @@ def _evaluate(args) -> int:
                       robustness=args.robustness, samples=args.samples, batch_size=args.batch_size,
                       num_workers=args.num_workers, progress=not args.quiet, engine=args.engine,
                       precision=args.precision)
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    tpr = (result["tpr_at_fpr"] or {}).get("0.05")
-    print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
-          f"ai_vs_human_auc {fmt(result['ai_vs_human_auc'])}  ap {fmt(result['ai_vs_human_ap'])}  "
-          f"tpr@5%fpr {fmt(tpr)}  images {result['n_images']}")
+    rows = report.headline(result)  # the report's headline, on the terminal too
+    width = max(len(m) for m, _ in rows)
+    print(f"{result['n_images']} images, {len(result['errors'])} unreadable")
+    for measure, value in rows:
+        print(f"{measure.ljust(width)}  {value}")
     for err in result["errors"]:
         print(f"unreadable: {err}", file=sys.stderr)
     print(f"wrote {args.out}/metrics.json and {args.out}/report.md")
@@ -379,9 +379,9 @@ def _predict(args) -> int:
     counts = dict.fromkeys(("likely_ai", "uncertain", "likely_human", "error"), 0)
     shown = []
     with _output(args.out) as out:
-        if args.format == "table":
-            out.write(_header(model, args.threshold) + "\n")
-        for p in _write(preds, model.labels, args.format, out, args.evidence):
+        header = lambda digits: _header(model, args.threshold, digits)  # noqa: E731
+        cuts = _cuts(model, args.threshold)
+        for p in _write(preds, model.labels, args.format, out, args.evidence, header, cuts):
             key = "error" if p.error else p.verdict
             counts[key] = counts.get(key, 0) + 1
             if args.gallery and len(shown) < GALLERY_MAX and not p.error:
@@ -404,7 +404,23 @@ def _predict(args) -> int:
     return 1 if counts["error"] else 0
 
 
-def _header(model, threshold: float | None) -> str:
+def _cuts(model, threshold: float | None) -> list[float]:
+    """The p_ai values the table's verdicts are read against: the AI cut, and the human band's edge."""
+    cut = model.threshold if threshold is None else threshold
+    low = (model.bands or {}).get("likely_human")
+    return [c for c in (cut, None if low is None or cut is None else min(low, cut)) if c is not None]
+
+
+def _digits(values, cuts, least: int = 4) -> int:
+    """Decimals that keep every value apart from every cut it differs from (at most 8).
+    Rounding keeps order, so distinct strings show each value on its true side."""
+    d = least
+    while d < 8 and any(v is not None and v != c and f"{v:.{d}f}" == f"{c:.{d}f}" for v in values for c in cuts):
+        d += 1
+    return d
+
+
+def _header(model, threshold: float | None, digits: int = 4) -> str:
     """The table's first line: where the verdict bands lie."""
     if model.human_label is None:
         return "# no human class in this model: no AI verdict, only class probabilities"
@@ -413,9 +429,9 @@ def _header(model, threshold: float | None) -> str:
         return "# no stored threshold: no verdict (give --threshold P)"
     low = (model.bands or {}).get("likely_human")
     where = "given with --threshold" if threshold is not None else "stored in the model"
-    text = f"# likely AI: p_ai >= {cut:.4f} ({where})"
+    text = f"# likely AI: p_ai >= {cut:.{digits}f} ({where})"
     if low is not None:
-        text += f"; likely human: p_ai <= {min(low, cut):.4f}; uncertain between"
+        text += f"; likely human: p_ai <= {min(low, cut):.{digits}f}; uncertain between"
     return text + "; an image with a caveat is uncertain"
 
 
@@ -428,8 +444,12 @@ def _output(path: str | None):
         yield f
 
 
-def _write(preds: Iterable[Prediction], labels: list[str], fmt: str, out: TextIO, evidence: bool = False):
-    """Write predictions as they come (csv, jsonl) or aligned at the end (table); yield each."""
+def _write(preds: Iterable[Prediction], labels: list[str], fmt: str, out: TextIO, evidence: bool = False,
+           header=None, cuts=()):
+    """Write predictions as they come (csv, jsonl) or aligned at the end (table); yield each.
+
+    The table's p_ai and its ``header(digits)`` line share one number of decimals,
+    enough that no p_ai is rounded onto a cut of ``cuts`` it is not on."""
     columns = list(Prediction("").row(labels, evidence))
     if fmt == "csv":
         writer = csv.DictWriter(out, columns)
@@ -444,13 +464,18 @@ def _write(preds: Iterable[Prediction], labels: list[str], fmt: str, out: TextIO
                       + "\n")
             yield p
     else:
-        rows = []
+        records = []
         for p in preds:
             row = p.row(labels, evidence)
             # The table names each caveat by its tag; CSV and JSON lines give the sentences.
             row["caveats"] = "; ".join(c.split(":")[0] for c in p.caveats) or None
-            rows.append([_cell(v) for v in row.values()])
+            records.append(row)
             yield p
+        digits = _digits([r["p_ai"] for r in records], cuts)
+        if header is not None:
+            out.write(header(digits) + "\n")
+        rows = [[f"{v:.{digits}f}" if k == "p_ai" and v is not None else _cell(v) for k, v in r.items()]
+                for r in records]
         widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(columns)]
         for r in [columns] + rows:
             out.write("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n")

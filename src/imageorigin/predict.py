@@ -55,9 +55,15 @@ class Prediction:
     provenance: dict | None = None
 
     def row(self, labels: list[str], evidence: bool = False) -> dict:
-        """Flat record: path, verdict, label, p_<label> per class, p_ai, is_ai, caveats,
-        provenance (its summary; a column only with ``evidence``), error, warnings."""
-        out = {"path": self.path, "verdict": self.verdict, "label": self.label}
+        """Flat record: path, verdict, generator, p_<label> per class, p_ai, is_ai, caveats,
+        provenance (its summary; a column only with ``evidence``), error, warnings.
+
+        ``generator`` is the likeliest AI class, given only where the verdict is
+        likely_ai: below the cut the likeliest class would read as a verdict it is
+        not (an image at p_other_ai 0.86 under a 0.92 cut is not "human").  A model
+        with no human class gives no verdict; there it is the likeliest class."""
+        generator = self.label if self.is_ai or (self.verdict is None and self.error is None) else None
+        out = {"path": self.path, "verdict": self.verdict, "generator": generator}
         out.update({f"p_{l}": self.probs.get(l) for l in labels})
         out["p_ai"] = self.p_ai
         out["is_ai"] = self.is_ai

@@ -258,12 +258,12 @@ def reliability_plot(result: dict, path) -> Path:
     return _save(fig, path)
 
 
-def robustness_plot(rows: list[dict], path) -> Path:
+def robustness_plot(rows: list[dict], path, n_classes: int = 3) -> Path:
     """Accuracy, AI-vs-human AUC and human images flagged under each perturbation,
     as grouped bars (the perturbations are separate cases, not a sequence)."""
     names = [setting_name(r) for r in rows]
     x = np.arange(len(rows))
-    series = [("accuracy", "3-class accuracy"), ("ai_vs_human_auc", "AI-vs-human AUC")]
+    series = [("accuracy", f"{n_classes}-class accuracy"), ("ai_vs_human_auc", "AI-vs-human AUC")]
     if any(r.get("human_flagged_rate") is not None for r in rows):
         series.append(("human_flagged_rate", "human images flagged (stored threshold)"))
     width = 0.8 / len(series)
@@ -283,17 +283,16 @@ def robustness_plot(rows: list[dict], path) -> Path:
     return _save(fig, path)
 
 
-def per_source_plot(per_source: dict, path) -> Path:
-    """Per source: 3-class accuracy (left), and the AUC of its AI images against
+def per_source_plot(per_source: dict, path, n_classes: int = 3) -> Path:
+    """Per source: n-class accuracy (left), and the AUC of its AI images against
     all human images (right), each with its own chance level."""
     names = list(per_source)
     y = np.arange(len(names))
-    n_classes = len({v["label"] for v in per_source.values()}) or 3
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.42 * len(names) + 1.8), sharey=True,
                                       layout="constrained")
     left.barh(y, [per_source[n]["accuracy"] for n in names], color="tab:blue")
     left.axvline(1 / n_classes, ls=":", color="grey", label=f"chance (1/{n_classes})")
-    left.set_title("3-class accuracy")
+    left.set_title(f"{n_classes}-class accuracy")
     right.barh(y, [np.nan if per_source[n]["auc_vs_all_human"] is None else per_source[n]["auc_vs_all_human"]
                    for n in names], color="tab:orange")
     right.axvline(0.5, ls=":", color="grey", label="chance (0.5)")
@@ -319,38 +318,13 @@ def _table(header: Sequence[str], rows: list[Sequence]) -> list[str]:
             + ["| " + " | ".join(str(r[j]) for j in keep) + " |" for r in rows])
 
 
-def write_evaluation_report(result: dict, out_dir: str | os.PathLike,
-                            display_names: dict | None = None) -> Path:
-    """Write the evaluation plots that apply and ``report.md``, which reads top to
-    bottom: headline figures, per class, per source, robustness, calibration,
-    curves, sample predictions, unreadable files.  Returns the report's path."""
-    out = Path(out_dir)
-    names = display_names or {}
-    has_curves = result.get("curves") is not None
-    if has_curves:
-        roc_plot(result, out / "roc.png")
-        pr_plot(result, out / "pr.png")
-    reliability_plot(result, out / "reliability.png")
-    if result.get("robustness"):
-        robustness_plot(result["robustness"], out / "robustness.png")
-    if result.get("per_source"):
-        per_source_plot(result["per_source"], out / "per_source.png")
-
-    counts = ", ".join(f"{l} {result['per_class'][l]['support']}" for l in result["labels"])
-    lines = [
-        "# Evaluation report",
-        "",
-        f"Data: `{result['data_dir']}`: {result['n_images']} images ({counts}), "
-        f"{len(result['errors'])} unreadable. Model: {result['model']['backbone']}, "
-        f"temperature {result['model']['temperature']:g}.",
-        "",
-        "## Headline",
-        "",
-    ]
+def headline(result: dict) -> list[tuple[str, str]]:
+    """The evaluation's headline figures as (measure, value) rows: the report's
+    table, and what ``imageorigin evaluate`` prints on the terminal."""
     tpr = result.get("tpr_at_fpr") or {}
     thr = result.get("threshold")
     head = [
-        ("3-class accuracy (arg-max class)", _num(result["accuracy"])),
+        (f"{len(result['labels'])}-class accuracy (arg-max class)", _num(result["accuracy"])),
         ("AI-vs-human ROC AUC of p_ai", _num(result["ai_vs_human_auc"])),
         ("AI-vs-human average precision (AP)", _num(result.get("ai_vs_human_ap"))),
         ("TPR on AI images at 1% FPR on human images", _num(tpr.get("0.01"))),
@@ -369,7 +343,39 @@ def write_evaluation_report(result: dict, out_dir: str | os.PathLike,
     if result.get("per_source") is not None:
         head.append(("mean over AI sources of AUC vs all human images",
                      _num(result.get("mean_auc_vs_human"))))
-    lines += _table(["measure", "value"], head)
+    return head
+
+
+def write_evaluation_report(result: dict, out_dir: str | os.PathLike,
+                            display_names: dict | None = None) -> Path:
+    """Write the evaluation plots that apply and ``report.md``, which reads top to
+    bottom: headline figures, per class, per source, robustness, calibration,
+    curves, sample predictions, unreadable files.  Returns the report's path."""
+    out = Path(out_dir)
+    names = display_names or {}
+    has_curves = result.get("curves") is not None
+    if has_curves:
+        roc_plot(result, out / "roc.png")
+        pr_plot(result, out / "pr.png")
+    reliability_plot(result, out / "reliability.png")
+    if result.get("robustness"):
+        robustness_plot(result["robustness"], out / "robustness.png", len(result["labels"]))
+    if result.get("per_source"):
+        per_source_plot(result["per_source"], out / "per_source.png", len(result["labels"]))
+
+    counts = ", ".join(f"{l} {result['per_class'][l]['support']}" for l in result["labels"])
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Data: `{result['data_dir']}`: {result['n_images']} images ({counts}), "
+        f"{len(result['errors'])} unreadable. Model: {result['model']['backbone']}, "
+        f"temperature {result['model']['temperature']:g}.",
+        "",
+        "## Headline",
+        "",
+    ]
+    thr = result.get("threshold")
+    lines += _table(["measure", "value"], headline(result))
     verdicts = result.get("verdicts")
     if verdicts:
         lines += ["", "What a user reads, caveats included (share of the images in each verdict band):", ""]
@@ -414,8 +420,9 @@ def write_evaluation_report(result: dict, out_dir: str | os.PathLike,
         rows = result["robustness"]
         clean = rows[0]
         lines += ["## Robustness", "",
-                  "The same images re-encoded as JPEG, downscaled (Lanczos) or blurred "
-                  "(Gaussian), each classified again; Δ against the clean figures.", ""]
+                  "The same images re-encoded as JPEG, downscaled (Lanczos), blurred "
+                  "(Gaussian) or sharpened (unsharp mask, radius 2 px, as a phone or an editor "
+                  "does), each classified again; Δ against the clean figures.", ""]
         table = []
         for r in rows:
             d_acc = r["accuracy"] - clean["accuracy"]
@@ -512,12 +519,18 @@ def _pseudo_fake_lines(pf: dict | None) -> list[str]:
                "`info.pseudo_fakes.errors`)" if pf.get("errors") else "") + "."]
 
 
-def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = None) -> Path:
-    """A MODEL_CARD.md in the seed card's structure, filled with this run's own figures."""
+def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = None,
+                     run_seconds: float | None = None) -> Path:
+    """A MODEL_CARD.md in the seed card's structure, filled with this run's own figures.
+
+    ``run_seconds``: the whole ``train`` call, the validation report included (the
+    stored ``wall_seconds`` ends when the model is saved, before that report)."""
     info = model.info
     t = info.get("training", {})
     m = info.get("metrics", {})
     names = [model.display_names[l] for l in model.labels]
+    # A frozen backbone is not fine-tuned: only the linear head on its features was trained.
+    how = "linear-probe (frozen)" if model.frozen else "fine-tuned"
     counts = lambda c: ", ".join(f"{k} {v}" for k, v in (c or {}).items())  # noqa: E731
     per_class = ""
     if evaluation:
@@ -559,9 +572,9 @@ def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = N
         "tags:\n- image-classification\n- " + model.backbone.name + "\n- ai-generated-content\n"
         "- human-created-content\n- model-card",
         "---",
-        f"# **Fine-tuned {model.backbone.name} for Image Classification**",
+        f"# **{how.capitalize()} {model.backbone.name} for Image Classification**",
         "## **Model Overview**",
-        f"This fine-tuned **{model.backbone.name}** model classifies images into the following "
+        f"This {how} **{model.backbone.name}** model classifies images into the following "
         "categories:",
         *[f"{i + 1}. **{n}**" for i, n in enumerate(names)],
         "",
@@ -606,7 +619,9 @@ def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = N
         *_pseudo_fake_lines(info.get("pseudo_fakes")),
         f"- **Validation data**: `{t.get('val_dir')}` ({counts(t.get('val_counts'))})." if t.get("val_dir")
         else f"- **Validation data**: {t.get('val_split')} of the training folder.",
-        f"- **Wall-clock training time**: {t.get('wall_seconds')} s on {t.get('machine')}.",
+        f"- **Wall-clock time**: {t.get('wall_seconds')} s to train and calibrate"
+        + (f", {run_seconds:.1f} s with the validation report and this card" if run_seconds else "")
+        + f" (Python's start-up not included), on {t.get('machine')}.",
         "---",
         "## **Training Data Sources**",
         *source_lines,

@@ -353,7 +353,8 @@ def train(
     evaluation = evaluate(model, val_set, out / "val", batch_size=cfg.batch_size,
                           num_workers=cfg.num_workers, progress=progress, robustness=False,
                           samples=cfg.samples)
-    report.write_model_card(model, out / "MODEL_CARD.md", evaluation)
+    report.write_model_card(model, out / "MODEL_CARD.md", evaluation,
+                            run_seconds=time.perf_counter() - began)
     return model.eval()
 
 
@@ -654,6 +655,12 @@ def _calibrate(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, prog
         model.threshold = choose_threshold(p_ai.numpy(), is_human, cfg.target_fpr)
         if not is_human.all():
             model.bands = fit_bands(p_ai.numpy(), is_human, model.threshold)
+            if model.bands["widened"]:  # said on the terminal and on the card
+                note = (f"every calibration AI image scored above the threshold ({model.threshold:.4f}), "
+                        "so the data left no uncertain band: 'likely human' starts at p_ai "
+                        f"{model.bands['likely_human']:.4f}, one logit below it, by rule")
+                model.info.setdefault("warnings", []).append(note)
+                print(f"imageorigin: warning: {note}", file=sys.stderr)
         # Other operating points, for a moderator who wants fewer false accusations.
         model.info["thresholds_at_fpr"] = {
             str(f): choose_threshold(p_ai.numpy(), is_human, f) for f in (0.01, 0.02, 0.05, 0.1)}

@@ -23,6 +23,11 @@ from PIL import Image
 BANDS = ("likely_ai", "uncertain", "likely_human")
 WORDS = {"likely_ai": "likely AI", "uncertain": "uncertain", "likely_human": "likely human"}
 AI_MISSED = 0.05  # share of calibration AI images the "likely human" band may hold
+# The least width of the "uncertain" band, in logits of p_ai below the threshold:
+# where the calibration AI images all lie above the threshold (a tiny calibration
+# split) the fitted band would be empty, one point where "likely human" meets
+# "likely AI"; no calibration split is good enough to say that.
+MIN_UNCERTAIN_LOGITS = 1.0
 
 # Screenshot / flat-graphics detector (see :func:`image_stats`).  Tuned on the
 # `tuning` screenshots of benchmarks/screenshots.py and dh3 *train* images,
@@ -43,15 +48,18 @@ def fit_bands(p_ai: np.ndarray, is_human: np.ndarray, threshold: float,
 
     p_ai: (N,) scores; is_human: (N,) bool.  "likely_ai" from ``threshold`` up;
     "likely_human" at or below the highest cut that leaves at most ``ai_missed``
-    of the AI images in that band (never above the threshold).
+    of the AI images in that band, and at least :data:`MIN_UNCERTAIN_LOGITS`
+    below the threshold: ``widened`` is True where that rule, not the data, set it.
     """
     ai = np.sort(np.asarray(p_ai, dtype=np.float64)[~np.asarray(is_human, bool)])
     if len(ai) == 0:
         raise ValueError("choosing verdict bands needs held-out AI images")
     allowed = int(np.floor(ai_missed * len(ai)))  # AI images "likely human" may hold
     cut = float(np.nextafter(ai[0], -np.inf)) if allowed == 0 else float((ai[allowed - 1] + ai[allowed]) / 2)
-    return {"likely_ai": float(threshold), "likely_human": float(min(cut, threshold)),
-            "ai_missed": ai_missed}
+    t = min(max(float(threshold), 1e-6), 1 - 1e-6)
+    widest = float(1 / (1 + np.exp(MIN_UNCERTAIN_LOGITS - np.log(t / (1 - t)))))  # threshold's logit - 1
+    return {"likely_ai": float(threshold), "likely_human": min(cut, widest),
+            "ai_missed": ai_missed, "widened": cut > widest}
 
 
 def band(p_ai: float | None, bands: dict | None, threshold: float | None, caveats: list[str]) -> str | None:

@@ -83,9 +83,10 @@ function card(file, result) {
     el("label", { for: opacity.id }, "opacity ", opacity)));
   c.append(el("p", { class: `verdict ${result.verdict}` }, WORDS[result.verdict] || result.verdict));
   const low = model && model.bands ? model.bands.likely_human : null;
-  c.append(el("p", {}, `p_ai = ${result.p_ai.toFixed(3)} (likely AI from ${result.threshold.toFixed(3)}`
-    + (low != null ? `, likely human up to ${low.toFixed(3)})` : ")")
-    + (result.verdict === "likely_ai" ? `; likelier generator: ${result.label}` : "")));
+  const [p, cut, human] = apart(result.p_ai, result.threshold, low);
+  c.append(el("p", {}, `p_ai = ${p} (likely AI from ${cut}`
+    + (low != null ? `, likely human up to ${human})` : ")")
+    + (result.verdict === "likely_ai" ? `; likeliest generator: ${result.label}` : "")));
   const probs = el("ul", { class: "probs" });
   for (const [label, p] of Object.entries(result.probs)) {
     probs.append(el("li", {}, `${(model && model.display_names[label]) || label}: ${(100 * p).toFixed(1)}%`));
@@ -110,23 +111,39 @@ function card(file, result) {
   return c;
 }
 
+// p and the cuts it is compared with, all with 3 decimals or as many more as it
+// takes to keep p apart from each: rounding never shows 0.924 "from 0.924" for
+// a p below its cut.  Rounding keeps order, so distinct strings keep the side.
+function apart(p, ...cuts) {
+  const given = cuts.filter((c) => c != null);
+  let d = 3;
+  while (d < 8 && given.some((c) => c !== p && c.toFixed(d) === p.toFixed(d))) d += 1;
+  return [p, ...cuts].map((v) => (v == null ? null : v.toFixed(d)));
+}
+
+// The likeliest AI class, named only for an AI verdict (below the cut it is no verdict).
+function generator(result) {
+  return result.verdict === "likely_ai" ? result.label : "";
+}
+
 function addRow(result) {
   rows.push(result);
   const tr = el("tr", {},
     el("td", {}, result.name),
     el("td", { class: result.error ? "error" : result.verdict }, result.error ? "error" : WORDS[result.verdict]),
-    el("td", {}, result.error ? "" : result.p_ai.toFixed(3)),
-    el("td", {}, result.error ? "" : result.label),
+    el("td", {}, result.error ? "" : apart(result.p_ai, result.threshold,
+      model && model.bands ? model.bands.likely_human : null)[0]),
+    el("td", {}, result.error ? "" : generator(result)),
     el("td", {}, result.error ? result.error : result.caveats.map((c) => c.split(":")[0]).join("; ")),
     el("td", {}, result.provenance ? result.provenance.summary : ""));
   document.querySelector("#table tbody").append(tr);
 }
 
 function csv() {
-  const head = ["name", "sha256", "verdict", "label", "p_ai", "threshold", "caveats", "provenance", "error",
+  const head = ["name", "sha256", "verdict", "generator", "p_ai", "threshold", "caveats", "provenance", "error",
     "warnings"];
   const quote = (v) => `"${String(v ?? "").replaceAll('"', '""')}"`;
-  const lines = [head.join(",")].concat(rows.map((r) => [r.name, r.sha256, r.verdict, r.label, r.p_ai,
+  const lines = [head.join(",")].concat(rows.map((r) => [r.name, r.sha256, r.verdict, generator(r), r.p_ai,
     r.threshold, (r.caveats || []).join("; "), r.provenance && r.provenance.summary, r.error,
     (r.warnings || []).join("; ")].map(quote).join(",")));
   const url = URL.createObjectURL(new Blob([lines.join("\n") + "\n"], { type: "text/csv" }));
