@@ -167,21 +167,34 @@ def test_a_file_that_is_not_a_model_is_named_for_what_it_is(raw, tmp_path, capsy
     assert "broken.onnx" in capsys.readouterr().err
 
 
-def test_the_readme_onnx_runtime_snippet_reproduces_the_cli(default, raw, tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["native 3x3 crops (the default)", "resizing (train without --native)"])
+def test_the_readme_onnx_runtime_snippet_reproduces_the_cli(kind, default, raw, tmp_path):
     readme = (REPO / "README.md").read_text()
     snippet = re.search(r"<!-- onnxruntime snippet -->\n```python\n(.*?)```", readme, re.S).group(1)
+    model, source = default, "default"
+    if kind.startswith("resizing"):  # the default's weights behind the preprocessing `train` stores by default
+        model = imageorigin.load()
+        model.preprocessing = {**model.preprocessing, "resize": 110, "crop": 96, "crops": 1,
+                               "interpolation": "bilinear"}
+        imageorigin.model.save(model, tmp_path / "resizing.safetensors")
+        model = imageorigin.load(tmp_path / "resizing.safetensors")
+        assert model.preprocessing["resize"] == 110
+        source = str(tmp_path / "resizing.safetensors")
+    # PIL's resize (the snippet's) and torchvision's round a few pixels apart: 0.001 for a resizing model.
+    tol = 1e-3 if kind.startswith("resizing") else 1e-4
     onnx_path = tmp_path / "model.onnx"
-    assert main(["export", "default", str(onnx_path)]) == 0
-    image = raw / "dalle/eudoxia0_gallery_of_sand__dalle2__timon__pollock__6.jpg"
-    script = tmp_path / "snippet.py"
-    script.write_text(snippet.replace('"model.onnx"', repr(str(onnx_path)))
-                      .replace('"image.jpg"', repr(str(image))))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
-    [p] = imageorigin.predict(default, [image])
-    got = dict(re.findall(r"(\w+) ([0-9.]+)", out))
-    for label in default.labels:
-        assert float(got[label]) == pytest.approx(p.probs[label], abs=1e-4)
-    assert float(got["p_ai"]) == pytest.approx(p.p_ai, abs=1e-4)
+    assert main(["export", source, str(onnx_path)]) == 0
+    for image in (raw / "dalle/eudoxia0_gallery_of_sand__dalle2__timon__pollock__6.jpg",
+                  raw / "human/bsds500__real_photo__test_65084.jpg"):
+        script = tmp_path / "snippet.py"
+        script.write_text(snippet.replace('"model.onnx"', repr(str(onnx_path)))
+                          .replace('"image.jpg"', repr(str(image))))
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
+        [p] = imageorigin.predict(model, [image])
+        got = dict(re.findall(r"(\w+) ([0-9.]+)", out))
+        for label in model.labels:
+            assert float(got[label]) == pytest.approx(p.probs[label], abs=tol), (image.name, label)
+        assert float(got["p_ai"]) == pytest.approx(p.p_ai, abs=tol)
 
 
 # ---------------------------------------------------------------- training on your own data
