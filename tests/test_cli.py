@@ -9,8 +9,8 @@ import pytest
 import imageorigin
 from imageorigin.cli import main
 
-COLUMNS = ["path", "verdict", "generator", "p_dalle", "p_human", "p_other_ai", "p_ai", "is_ai", "caveats", "error",
-           "warnings"]
+COLUMNS = ["path", "verdict", "generator", "p_dalle", "p_human", "p_other_ai", "p_ai", "is_ai", "caveats",
+           "provenance", "error", "warnings"]
 
 
 def _table(lines):
@@ -26,20 +26,31 @@ def test_predict_table_on_the_raw_samples(raw, capsys):
     assert main(["predict", str(raw), "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# likely AI: p_ai >= ")
-    assert lines[1].split() == COLUMNS
-    rows = _table(lines[1:-1])
+    # A table to read in a 120-column terminal: paths under the folder given, no column empty in every row.
+    assert lines[1].split() == ["file", "verdict", "p_ai", "generator", "caveats", "provenance"]
+    assert all(len(line) <= 120 for line in lines)
+    rows = _table(lines[1:-2])
     assert len(rows) == 15  # 15 images, folders searched recursively
-    assert lines[-1].startswith("15 images: ") and lines[-1].endswith(" 0 errors")
-    for r in rows:
+    assert all(r["file"].split("/")[0] in ("dalle", "human", "other_ai") for r in rows)
+    assert lines[-2].startswith("15 images: ") and lines[-2].endswith(" 0 errors")
+    # the files' own metadata, counted beside the pixel verdicts (the DALL-E 2 files say "Made with OpenAI")
+    declares = sum(r["provenance"] == "declares_ai" for r in rows)
+    assert declares and f"by their own metadata: {declares} declares_ai" in lines[-1]
+    assert main(["predict", str(raw), "--quiet", "--format", "csv"]) == 0
+    full = list(csv.DictReader(capsys.readouterr().out.splitlines()))  # the same files, in the same order
+    for r, whole in zip(rows, full, strict=True):
         assert r["verdict"] in ("likely_ai", "uncertain", "likely_human")
         # the generator is named only for an AI verdict: never "human", never a guess below the cut
-        assert r["generator"] == ("" if r["verdict"] != "likely_ai" else r["generator"])
+        assert bool(r["generator"]) == (r["verdict"] == "likely_ai")
         assert r["generator"] in ("", "dalle", "other_ai")
-        probs = [float(r[f"p_{c}"]) for c in ("dalle", "human", "other_ai")]
+        head, _, tail = r["file"].partition("…")  # a long path keeps its folder and its end
+        assert whole["path"].startswith(str(raw / head)) and whole["path"].endswith(tail)
+        probs = [float(whole[f"p_{c}"]) for c in ("dalle", "human", "other_ai")]
         assert sum(probs) == pytest.approx(1, abs=2e-4)
-        assert float(r["p_ai"]) == pytest.approx(1 - probs[1], abs=2e-4)
+        assert float(r["p_ai"]) == pytest.approx(1 - probs[1], abs=2e-4) == float(whole["p_ai"])
+        assert whole["provenance"] == r["provenance"]
     # clip art is flat graphics: said, and never a confident verdict
-    clipart = [r for r in rows if "openclipart" in r["path"]]
+    clipart = [r for r, whole in zip(rows, full) if "openclipart" in whole["path"]]
     assert clipart and all(r["caveats"] == "screenshot or flat graphics" and r["verdict"] == "uncertain"
                            for r in clipart)
 
@@ -118,6 +129,6 @@ def test_the_table_never_rounds_p_ai_onto_the_cut(raw, capsys):
     assert main(["predict", str(image), "--threshold", f"{cut:.8f}", "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
     shown_cut = lines[0].split("p_ai >= ")[1].split()[0]
-    [row] = _table(lines[1:-1])
+    [row] = _table([line for line in lines[1:] if not line.startswith(("1 images:", "by their own"))])
     assert row["verdict"] != "likely_ai" and row["p_ai"] != shown_cut
     assert float(row["p_ai"]) < float(shown_cut) and len(shown_cut.split(".")[1]) == len(row["p_ai"].split(".")[1])

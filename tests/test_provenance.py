@@ -154,6 +154,29 @@ def test_predict_evidence_column_and_details(raw, tmp_path, capsys):
     row = json.loads(capsys.readouterr().out)
     assert row["provenance"]["c2pa"]["signer"] == "Adobe Inc."
     assert any("trainedAlgorithmicMedia" in e for e in row["provenance"]["evidence"])
-    # without --evidence there is no such column
-    assert main(["predict", str(files[0]), "--format", "csv", "--quiet"]) == 0
-    assert "provenance" not in capsys.readouterr().out.splitlines()[0]
+    # without --evidence: the one-word summary still (a column, and counted), not the details
+    assert main(["predict", str(files[0]), "--format", "jsonl", "--quiet"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["provenance"] in ("declares_ai", "conflict")
+
+
+def test_the_table_names_invalid_and_remote_manifests_and_counts_what_files_declare(capsys):
+    """An invalid or remote manifest is not "none"; the summary counts what the files say."""
+    assert main(["predict", str(SAMPLES), "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(len(line) <= 120 for line in lines)
+    starts = [i for i, ch in enumerate(lines[1]) if ch != " " and (i == 0 or lines[1][i - 1] == " ")]
+    end = next(i for i, line in enumerate(lines) if " images: " in line)
+    rows = {}
+    for line in lines[2:end]:
+        cells = [line[a:b].strip() for a, b in zip(starts, starts[1:] + [None])]
+        rows[cells[0]] = dict(zip(lines[1].split(), cells))
+    assert rows["c2pa/XCA.jpg"]["provenance"] == "invalid_manifest"  # pixels changed after signing
+    assert rows["c2pa/E-sig-CA.jpg"]["provenance"] == "invalid_manifest"
+    assert rows["c2pa/cloud.jpg"]["provenance"] == "remote_manifest"  # named, never fetched
+    assert rows["c2pa/CA.jpg"]["provenance"] == "manifest_no_claim"
+    assert rows["c2pa/no_manifest.jpg"]["provenance"] == "none"
+    counts = {k: sum(r["provenance"] == k for r in rows.values()) for k in provenance.SUMMARIES}
+    assert " ".join(line.strip() for line in lines[end + 1:]) == "by their own metadata: " + ", ".join(
+        f"{n} {k}" for k, n in counts.items() if n and k != "none")  # wrapped at 120 columns
+    assert counts["declares_ai"] >= 3 and lines[end].startswith(f"{len(rows)} images: ")

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import imageorigin
+from imageorigin import provenance
 from imageorigin.cli import main
 from imageorigin.scan import scan, walk_images
 
@@ -148,7 +149,7 @@ def test_results_export_csv_jsonl_parquet_with_a_condition(archive, tmp_path, ca
     assert main(["results", str(db), "--format", "parquet", "--out", str(tmp_path / "r.parquet")]) == 0
     table = pq.read_table(tmp_path / "r.parquet")
     assert table.num_rows == 37 and "provenance" in table.column_names
-    assert set(table.column("provenance").to_pylist()) <= {"none", "declares_ai", "conflict", None}
+    assert set(table.column("provenance").to_pylist()) <= {*provenance.SUMMARIES, None}
     assert main(["results", str(db), "--where", "no_such_column = 1"]) == 2
     assert "no such column" in capsys.readouterr().err
 

@@ -132,8 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--gallery", metavar="OUT.png",
                    help=f"also draw the first {GALLERY_MAX} images with their verdicts into this picture")
     r.add_argument("--evidence", action="store_true",
-                   help="also read each file's provenance metadata (C2PA, generator text, XMP, EXIF): "
-                        "a provenance column, and the details in JSON lines")
+                   help="the details of each file's provenance metadata (C2PA, generator text, XMP, "
+                        "EXIF) in JSON lines; its one-word summary is always read and shown")
     r.add_argument("--threshold", type=float, default=None, metavar="P",
                    help="call an image AI from p_ai >= P (default: the threshold stored in the model)")
     r.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
@@ -375,22 +375,27 @@ def _predict(args) -> int:
         print(f"imageorigin: {len(files)} images, engine {engine}", file=sys.stderr)
     preds = predict(model, files, batch_size=args.batch_size, num_workers=args.num_workers,
                     progress=not args.quiet and sys.stderr.isatty(), engine=args.engine,
-                    precision=args.precision, threshold=args.threshold, evidence=args.evidence)
+                    precision=args.precision, threshold=args.threshold, evidence=True)
     counts = dict.fromkeys(("likely_ai", "uncertain", "likely_human", "error"), 0)
+    declared = {}  # provenance summary -> files, beside the pixel verdicts
     shown = []
     with _output(args.out) as out:
         header = lambda digits: _header(model, args.threshold, digits)  # noqa: E731
         cuts = _cuts(model, args.threshold)
-        for p in _write(preds, model.labels, args.format, out, args.evidence, header, cuts):
+        for p in _write(preds, model.labels, args.format, out, args.evidence, header, cuts,
+                        root=_common_root(files)):
             key = "error" if p.error else p.verdict
             counts[key] = counts.get(key, 0) + 1
+            kind = (p.provenance or {}).get("summary", "none")
+            declared[kind] = declared.get(kind, 0) + (kind != "none")
             if args.gallery and len(shown) < GALLERY_MAX and not p.error:
                 shown.append(p)
         summary = (f"{len(files)} images: {counts['likely_ai']} flagged as AI (likely AI), "
                    f"{counts['uncertain']} uncertain, {counts['likely_human']} likely human, "
                    f"{counts['error']} errors")
+        said = _declared_line(declared)
         if args.format == "table":
-            out.write(summary + "\n")
+            out.write(summary + "\n" + (said + "\n" if said else ""))
     if args.gallery:
         report.prediction_gallery(shown, args.gallery)
     check = model.info.get("precision_check") or {}
@@ -398,10 +403,37 @@ def _predict(args) -> int:
         print(f"imageorigin: precision {check_outcome(check)} (checked on {check['checked_on']}); "
               f"ran on {current_engine(model, args.engine, args.precision)}", file=sys.stderr)
     if (args.format != "table" or args.out) and not args.quiet:
-        print(f"imageorigin: {summary}", file=sys.stderr)
+        print(f"imageorigin: {summary}" + (f"\nimageorigin: {said}" if said else ""), file=sys.stderr)
     if counts["error"]:  # said even with --quiet: the exit status alone does not name the count
         print(f"imageorigin: {counts['error']} of {len(files)} files could not be read", file=sys.stderr)
     return 1 if counts["error"] else 0
+
+
+def _declared_line(declared: dict[str, int]) -> str | None:
+    """The summary's second line, in the table's provenance words:
+    "by their own metadata: 5 declares_ai, 2 invalid_manifest" (None when no file says anything)."""
+    from .provenance import SUMMARIES
+
+    said = [f"{declared[k]} {k}" for k in SUMMARIES if k != "none" and declared.get(k)]
+    import textwrap
+
+    return textwrap.fill("by their own metadata: " + ", ".join(said), TABLE_WIDTH, subsequent_indent="  ") \
+        if said else None
+
+
+def _common_root(files) -> str | None:
+    """The folder all files lie under, for the table's short paths (None for one file)."""
+    import os
+
+    parents = {os.path.dirname(os.path.abspath(f)) for f in files}
+    return os.path.commonpath(list(parents)) if parents else None
+
+
+# The table fits a 120-column terminal: these columns give way (longest first) down
+# to 12 characters each, with an ellipsis; CSV and JSON lines carry every column in full.
+TABLE_WIDTH = 120
+TABLE_COLUMNS = ("file", "verdict", "p_ai", "generator", "caveats", "provenance", "error", "warnings")
+SHRINKABLE = ("file", "caveats", "error", "warnings")
 
 
 def _cuts(model, threshold: float | None) -> list[float]:
@@ -431,8 +463,8 @@ def _header(model, threshold: float | None, digits: int = 4) -> str:
     where = "given with --threshold" if threshold is not None else "stored in the model"
     text = f"# likely AI: p_ai >= {cut:.{digits}f} ({where})"
     if low is not None:
-        text += f"; likely human: p_ai <= {min(low, cut):.{digits}f}; uncertain between"
-    return text + "; an image with a caveat is uncertain"
+        text += f"; likely human: p_ai <= {min(low, cut):.{digits}f}"
+    return text + "; else, or with a caveat, uncertain"
 
 
 @contextlib.contextmanager
@@ -445,28 +477,36 @@ def _output(path: str | None):
 
 
 def _write(preds: Iterable[Prediction], labels: list[str], fmt: str, out: TextIO, evidence: bool = False,
-           header=None, cuts=()):
+           header=None, cuts=(), root: str | None = None):
     """Write predictions as they come (csv, jsonl) or aligned at the end (table); yield each.
 
-    The table's p_ai and its ``header(digits)`` line share one number of decimals,
-    enough that no p_ai is rounded onto a cut of ``cuts`` it is not on."""
-    columns = list(Prediction("").row(labels, evidence))
+    CSV and JSON lines carry every column (per-class probabilities, is_ai, the
+    full caveat sentences; JSON lines the patch map, and the provenance details
+    with ``evidence``).  The table is for reading: paths relative to ``root``,
+    the columns of :data:`TABLE_COLUMNS` that are not empty in every row, at
+    most :data:`TABLE_WIDTH` characters wide.  Its p_ai and its
+    ``header(digits)`` line share one number of decimals, enough that no p_ai is
+    rounded onto a cut of ``cuts`` it is not on."""
+    columns = list(Prediction("").row(labels, True))
     if fmt == "csv":
         writer = csv.DictWriter(out, columns)
         writer.writeheader()
         for p in preds:
-            writer.writerow(p.row(labels, evidence))
+            writer.writerow(p.row(labels, True))
             yield p
     elif fmt == "jsonl":
         for p in preds:  # JSON lines carry the patch map too: per-crop p_ai and where each crop lies
             extra = {"provenance": p.provenance} if evidence else {}
-            out.write(json.dumps({**p.row(labels, evidence), "caveats": p.caveats, **extra, "patches": p.patches})
+            out.write(json.dumps({**p.row(labels, True), "caveats": p.caveats, **extra, "patches": p.patches})
                       + "\n")
             yield p
     else:
+        import os
+
         records = []
         for p in preds:
-            row = p.row(labels, evidence)
+            row = p.row(labels, True)
+            row["file"] = os.path.relpath(os.path.abspath(p.path), root) if root else p.path
             # The table names each caveat by its tag; CSV and JSON lines give the sentences.
             row["caveats"] = "; ".join(c.split(":")[0] for c in p.caveats) or None
             records.append(row)
@@ -474,11 +514,28 @@ def _write(preds: Iterable[Prediction], labels: list[str], fmt: str, out: TextIO
         digits = _digits([r["p_ai"] for r in records], cuts)
         if header is not None:
             out.write(header(digits) + "\n")
-        rows = [[f"{v:.{digits}f}" if k == "p_ai" and v is not None else _cell(v) for k, v in r.items()]
+        shown = [c for c in TABLE_COLUMNS if any(r.get(c) not in (None, "", "none") for r in records)]
+        rows = [[f"{r[c]:.{digits}f}" if c == "p_ai" and r[c] is not None else _cell(r.get(c)) for c in shown]
                 for r in records]
-        widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(columns)]
-        for r in [columns] + rows:
-            out.write("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n")
+        widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(shown)]
+        while sum(widths) + 2 * (len(widths) - 1) > TABLE_WIDTH:
+            j = max((j for j, c in enumerate(shown) if c in SHRINKABLE and widths[j] > 12),
+                    key=lambda j: widths[j], default=None)
+            if j is None:
+                break
+            widths[j] -= 1
+        for r in [shown] + rows:
+            cells = [v if len(v) <= w else _shorten(v, w, middle=c == "file") for v, w, c in zip(r, widths, shown)]
+            out.write("  ".join(v.ljust(w) for v, w in zip(cells, widths)).rstrip() + "\n")
+
+
+def _shorten(text: str, width: int, middle: bool) -> str:
+    """``text`` in ``width`` characters with an ellipsis: a path keeps its first
+    third (the folder) and its end (the file's name), other text its start."""
+    if not middle:
+        return text[:width - 1] + "…"
+    head = (width - 1) // 3
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
 
 
 def _cell(v) -> str:
