@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import SHARED, served
 from serving import CHROMIUM
-from imageorigin.service import Limits, create_app
+from imageorigin.schemas import Analysis, ModelInfo
+from imageorigin.service import LIMIT_DEFAULTS, Limits, create_app
 
 FIREFLY = SHARED / "provenance-samples/c2pa/firefly.png"
 
@@ -41,12 +42,35 @@ def test_health_ready_model_and_offline_docs(client):
     # the precision that runs, read back from the compiled engine, and why: the default is
     # kept in fp32 (bf16 changed its answers where it was checked)
     assert m["engine"] == "openvino fp32" and m["precision"].startswith("fp32: bf16 changed the answers")
-    validate(client.get("/openapi.json").json())  # the OpenAPI schema is valid
+    spec = client.get("/openapi.json").json()
+    validate(spec)  # the OpenAPI schema is valid
+    # ... and documents the real answers: a model for each 200, and every status the service returns
+    analyze = spec["paths"]["/v1/analyze"]["post"]["responses"]
+    assert set(analyze) == {"200", "400", "401", "408", "413", "422", "429", "503"}
+    assert analyze["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Analysis")
+    assert analyze["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/Error")
+    result = spec["components"]["schemas"]["Result"]["properties"]
+    assert {"verdict", "p_ai", "caveats", "provenance", "model", "heatmap", "error"} <= set(result)
+    assert spec["paths"]["/v1/model"]["get"]["responses"]["200"]["content"]["application/json"][
+        "schema"]["$ref"].endswith("/ModelInfo")
+    ModelInfo.model_validate(m)  # the real answer fits the documented model
     docs = client.get("/docs").text
     assert "/docs-assets/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
     assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and "/static/app.js" in page.text
+
+
+def test_serve_help_names_every_limit_with_its_number(capsys):
+    from imageorigin.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert "(default: 32, or IMAGEORIGIN_MAX_FILES)" in text and "(default: 67108864, or" in text
+    for name, value in LIMIT_DEFAULTS.items():
+        assert f"(default: {value}, or IMAGEORIGIN_{name.upper()})" in text.replace("- ", "-"), name
+    assert Limits().max_files == LIMIT_DEFAULTS["max_files"]  # the service runs with the numbers shown
 
 
 def test_readyz_is_503_until_the_model_is_loaded():
@@ -62,6 +86,7 @@ def test_analyze_gives_one_result_per_file_in_order(client, raw):
         ("firefly.png", FIREFLY.read_bytes()), ("broken.png", b"\x89PNG\r\n\x1a\nnope"),
         ("photo.jpg", photo.read_bytes())))
     assert r.status_code == 200
+    Analysis.model_validate(r.json())  # the real answer fits the documented model, errors included
     firefly, broken, ok = r.json()["results"]
     assert [x["name"] for x in (firefly, broken, ok)] == ["firefly.png", "broken.png", "photo.jpg"]
     for x in (firefly, ok):

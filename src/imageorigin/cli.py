@@ -178,6 +178,8 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--out", required=True, metavar="DIR", help="folder for one overlay PNG per image")
     h.set_defaults(func=_explain)
 
+    from .service import LIMIT_DEFAULTS
+
     v = sub.add_parser("serve", help="the moderation service: HTTP API and web page")
     v.add_argument("--model", default="default", metavar="MODEL", help="checkpoint path or 'default'")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (keep 127.0.0.1 unless you "
@@ -195,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
                              ("request_timeout_s", float, "seconds a request may wait for inference; past "
                                                           "it: 503")):
         v.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                       help=f"{what} (default: IMAGEORIGIN_{name.upper()} or the built-in limit)")
+                       help=f"{what} (default: {LIMIT_DEFAULTS[name]}, or IMAGEORIGIN_{name.upper()})")
     v.add_argument("--api-key", action="append", metavar="KEY",
                    help="require this key on every endpoint but /healthz (repeatable; also "
                         "IMAGEORIGIN_API_KEY, comma-separated)")

@@ -55,9 +55,17 @@ from . import __version__, provenance
 from .images import ImageDecodeError, decode_image, max_pixels
 from .model import default_model_path, load
 from .predict import Prediction, current_engine, precision_reason, predict
+from .schemas import Analysis, ModelInfo, Status, errors
 
 
-def _env(name: str, default: float) -> float:
+# The built-in limits (``serve --help`` prints them); IMAGEORIGIN_<NAME> and the flags override.
+LIMIT_DEFAULTS = {"max_request_bytes": 64 << 20, "max_files": 32, "max_batch": 32, "max_wait_ms": 10.0,
+                  "max_queue": 256, "rate_per_minute": 600, "rate_burst": 60, "body_timeout_s": 30.0,
+                  "request_timeout_s": 120.0}
+
+
+def _env(name: str) -> float:
+    default = LIMIT_DEFAULTS[name]
     return type(default)(os.environ.get(f"IMAGEORIGIN_{name.upper()}", default))
 
 
@@ -66,18 +74,18 @@ class Limits:
     """Every limit of the service; each is a flag of ``imageorigin serve`` and an
     environment variable ``IMAGEORIGIN_<NAME>`` (e.g. IMAGEORIGIN_MAX_FILES)."""
 
-    max_request_bytes: int = field(default_factory=lambda: _env("max_request_bytes", 64 << 20))
-    max_files: int = field(default_factory=lambda: _env("max_files", 32))
-    max_batch: int = field(default_factory=lambda: _env("max_batch", 32))
-    max_wait_ms: float = field(default_factory=lambda: _env("max_wait_ms", 10.0))
-    max_queue: int = field(default_factory=lambda: _env("max_queue", 256))
+    max_request_bytes: int = field(default_factory=lambda: _env("max_request_bytes"))
+    max_files: int = field(default_factory=lambda: _env("max_files"))
+    max_batch: int = field(default_factory=lambda: _env("max_batch"))
+    max_wait_ms: float = field(default_factory=lambda: _env("max_wait_ms"))
+    max_queue: int = field(default_factory=lambda: _env("max_queue"))
     max_pixels: int = field(default_factory=max_pixels)
     # Per client address: a bucket of rate_burst requests refilled at
     # rate_per_minute (0: no limit).
-    rate_per_minute: int = field(default_factory=lambda: _env("rate_per_minute", 600))
-    rate_burst: int = field(default_factory=lambda: _env("rate_burst", 60))
-    body_timeout_s: float = field(default_factory=lambda: _env("body_timeout_s", 30.0))
-    request_timeout_s: float = field(default_factory=lambda: _env("request_timeout_s", 120.0))
+    rate_per_minute: int = field(default_factory=lambda: _env("rate_per_minute"))
+    rate_burst: int = field(default_factory=lambda: _env("rate_burst"))
+    body_timeout_s: float = field(default_factory=lambda: _env("body_timeout_s"))
+    request_timeout_s: float = field(default_factory=lambda: _env("request_timeout_s"))
 
 
 class Busy(Exception):
@@ -382,19 +390,19 @@ def create_app(model: str = "default", limits: Limits | None = None, api_keys: l
     async def docs():
         return docs_page
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=None, responses={200: {"model": Status}})
     async def healthz():
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=None, responses={200: {"model": Status}, **errors(401, 503)})
     async def readyz():
         """Readiness: 503 until the model is loaded and warm."""
         if not state["ready"]:
             return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "2"})
         return {"status": "ready"}
 
-    @app.get("/v1/model")
+    @app.get("/v1/model", response_model=None, responses={200: {"model": ModelInfo}, **errors(401, 429, 503)})
     async def model_info():
         """The model: labels, verdict cut-points, preprocessing, checkpoint hash, metrics,
         known weak spots, and the server's limits."""
@@ -416,7 +424,8 @@ def create_app(model: str = "default", limits: Limits | None = None, api_keys: l
             "served": dict(state["batcher"].stats),
         }
 
-    @app.post("/v1/analyze")
+    @app.post("/v1/analyze", response_model=None,
+              responses={200: {"model": Analysis}, **errors(400, 401, 408, 413, 422, 429, 503)})
     async def analyze(files: list[UploadFile] = File(..., description="one or more images"),
                       heatmap: bool = Query(False, description="include each crop's p_ai (the patch map)")):
         """Analyse uploaded images: one result per file, in upload order."""
