@@ -132,6 +132,8 @@ def main() -> None:
     result = {"runs": {"shipped recipe": str(args.base), **{s.split("=", 1)[0]: s.split("=", 1)[1] for s in args.arm},
                        **({"trace model alone": str(args.trace)} if args.trace else {})}, "compare": {}}
     for name, run in arms.items():
+        if name == "shipped recipe" and len(arms) > 1:
+            continue  # it is the second column of every comparison below
         folds = sorted(set(run) & set(base))
         tables = {name: run_table(run, folds)}
         if name != "shipped recipe":
@@ -144,6 +146,35 @@ def main() -> None:
         print(name, folds, json.dumps({k: summary(v) for k, v in tables.items()}))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(to_markdown(result))
+
+
+def to_markdown(result: dict) -> str:
+    """Each comparison's summary, then every held-out source's AUC / flagged share per recipe."""
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["# Grouped 6-fold runs side by side", "",
+             "Written by `experiments/pseudo_fake_folds.py` (its docstring has the command). "
+             "`flagged`: share of a source's images at or above the fold model's 1% cut "
+             "(for an AI source: detected; for a human source: falsely accused).", ""]
+    for name, comp in result["compare"].items():
+        lines += [f"## {name} (folds {', '.join(f.split('_')[1] for f in comp['folds'])})", "",
+                  "| recipe | sources | mean AUC | worst AUC | latent-diffusion mean AUC "
+                  "| humans flagged, mean / worst |", "|---|---|---|---|---|---|"]
+        for recipe, sm in comp["summary"].items():
+            lines.append(f"| {recipe} | {sm['sources']} | {fmt(sm['mean_auc'])} | {fmt(sm['min_auc'])} | "
+                         f"{fmt(sm['ldm_mean_auc'])} | {fmt(sm['human_flagged_mean'])} / "
+                         f"{fmt(sm['human_flagged_max'])} |")
+        recipes = list(comp["sources"])
+        lines += ["", "| held-out source | kind | images | " + " | ".join(f"{r}: AUC / flagged" for r in recipes)
+                  + " |", "|---|---|---|" + "---|" * len(recipes)]
+        first = comp["sources"][recipes[0]]
+        for source in sorted(first, key=lambda s: (not first[s]["ai"], s)):
+            kind = ("latent diffusion" if LDM.search(source) else "AI") if first[source]["ai"] else "human"
+            lines.append(f"| {source} | {kind} | {first[source]['n']} | " + " | ".join(
+                f"{fmt(comp['sources'][r][source]['auc'])} / {comp['sources'][r][source]['flagged']:.3f}"
+                for r in recipes) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
