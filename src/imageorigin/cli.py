@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from dataclasses import fields
 from typing import Iterable, TextIO
 
@@ -417,16 +418,12 @@ def _declared_line(declared: dict[str, int]) -> str | None:
     from .provenance import SUMMARIES
 
     said = [f"{declared[k]} {k}" for k in SUMMARIES if k != "none" and declared.get(k)]
-    import textwrap
-
     return textwrap.fill("by their own metadata: " + ", ".join(said), TABLE_WIDTH, subsequent_indent="  ") \
         if said else None
 
 
 def _common_root(files) -> str | None:
-    """The folder all files lie under, for the table's short paths (None for one file)."""
-    import os
-
+    """The folder all files lie under, for the table's short paths (a lone file's own folder)."""
     parents = {os.path.dirname(os.path.abspath(f)) for f in files}
     return os.path.commonpath(list(parents)) if parents else None
 
@@ -503,8 +500,6 @@ def _write(preds: Iterable[Prediction], labels: list[str], fmt: str, out: TextIO
                       + "\n")
             yield p
     else:
-        import os
-
         records = []
         for p in preds:
             row = p.row(labels, True)
