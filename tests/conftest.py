@@ -50,6 +50,11 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
+def shared() -> Path:
+    return SHARED
+
+
+@pytest.fixture(scope="session")
 def bench() -> Path:
     return BENCH
 

@@ -8,6 +8,7 @@ import pytest
 
 import imageorigin
 from imageorigin.cli import main
+from imageorigin.data import crop_boxes
 
 COLUMNS = ["path", "verdict", "generator", "p_dalle", "p_human", "p_other_ai", "p_ai", "is_ai", "caveats",
            "provenance", "error", "warnings"]
@@ -80,9 +81,11 @@ def test_jsonl_matches_the_python_api(raw, capsys):
     for r, p in zip(rows, api):
         assert r["generator"] == (p.label if p.verdict == "likely_ai" else None) and r["p_ai"] == pytest.approx(p.p_ai, abs=1e-6)
         assert r["error"] is None
-        # the default scores a 3x3 grid of crops: the patch map comes with each row
-        assert len(r["patches"]) == 9
+        # the default scores tiles covering the image: the patch map comes with each row
+        size = imageorigin.decode_image(p.path).size
+        assert len(r["patches"]) == len(crop_boxes(*size, imageorigin.load().preprocessing)) >= 9
         assert [c["p_ai"] for c in r["patches"]] == pytest.approx([c["p_ai"] for c in p.patches], abs=1e-6)
+        assert [c["weight"] for c in r["patches"]] == [c["weight"] for c in p.patches]
 
 
 def test_predict_accepts_pil_images(raw):

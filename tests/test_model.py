@@ -149,9 +149,10 @@ def test_default_model_is_self_describing():
     assert meta["backbone"] == {"name": "mobilenet_v2", "weights": "checkpoint",
                                 "source": "stored in this checkpoint"}
     assert meta["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
-    # native resolution: a 3x3 grid of 96 px crops, never resized, pooled by mean logit
+    # native resolution: 96 px tiles covering the whole image, never resized, flat tiles not voting
     assert meta["preprocessing"]["crop"] == 96 and meta["preprocessing"]["resize"] is None
-    assert meta["preprocessing"]["crops"] == 3 and meta["preprocessing"]["pool"] == "mean_logit"
+    assert meta["preprocessing"]["crops"] == "cover" and meta["preprocessing"]["pool"] == "detail_mean_logit"
+    assert meta["preprocessing"]["max_crops"] == 256
     t = meta["info"]["training"]
     assert t["finetune"] and t["epochs"] == 5 and t["native"]
     # calibrated on held-out training data; sources and licences come from the manifest

@@ -36,7 +36,7 @@ def test_health_ready_model_and_offline_docs(client):
     m = client.get("/v1/model").json()
     assert m["labels"] == ["dalle", "human", "other_ai"] and m["human_label"] == "human"
     assert m["threshold"] == m["bands"]["likely_ai"] and m["bands"]["likely_human"] < m["threshold"]
-    assert len(m["sha256"]) == 64 and m["preprocessing"]["crops"] == 3 and m["backbone"] == "mobilenet_v2"
+    assert len(m["sha256"]) == 64 and m["preprocessing"]["crops"] == "cover" and m["backbone"] == "mobilenet_v2"
     assert m["limits"]["max_files"] == 4 and m["limits"]["max_request_bytes"] == 8 << 20
     assert m["weak_spots"], "the card's known weak spots travel with the model"
     # the precision that runs, read back from the compiled engine, and why: the default is

@@ -19,7 +19,7 @@ from imageorigin import engine as engine_module
 from imageorigin import features
 from imageorigin.backbones import build_backbone
 from imageorigin.cli import main
-from imageorigin.data import eval_transform, train_transform
+from imageorigin.data import eval_transform, tile_detail, train_transform
 from imageorigin.engine import cached_engine, check_precision, create_engine
 from imageorigin.images import decode_image, find_images
 
@@ -64,9 +64,10 @@ def test_each_engine_in_fp32_matches_pytorch(default, val_images, engine):
     run = create_engine(default, engine, precision="fp32", input_size=x.shape[-1])
     assert run.name == engine and run.precision == "fp32"
     # (16, 9, 3, 96, 96) crops in, (16, 9, 3) per-crop logits out, pooled as the model pools
-    assert torch.allclose(default.pool(run(x)), ref, atol=1e-3)
+    assert run(x).shape == (16, 9, 3)
+    assert torch.allclose(default.image_logits(run, x)[0], ref, atol=1e-3)
     # the batch dimension is free: a batch of one gives the same row
-    assert torch.allclose(default.pool(run(x[:1])), ref[:1], atol=1e-3)
+    assert torch.allclose(default.image_logits(run, x[:1])[0], ref[:1], atol=1e-3)
 
 
 @pytest.fixture(params=["this machine", "a CPU without bf16"])
@@ -157,11 +158,13 @@ def test_onnx_export_matches_pytorch_in_onnx_runtime(default, val_images, tmp_pa
     for files in (val_images[:5], val_images[:1]):  # two batch sizes: the batch is dynamic
         x = torch.stack([default.transform(decode_image(f)) for f in files])  # (B, 9, 3, 96, 96)
         with torch.no_grad():
-            ref = default(x)  # (B, 3): the mean logit of each image's crops
+            ref = default(x)  # (B, 3): the weighted mean logit of each image's crops
         # The graph scores crops: an image's 9 crops are rows of the batch, and
-        # the mean of their logits is the image's (as export.py documents).
+        # the mean of their logits, weighted by each crop's detail, is the
+        # image's (as export.py documents).
         logits, _ = session.run(["logits", "probs"], {"image": x.flatten(0, 1).numpy()})
-        pooled = logits.reshape(len(files), 9, -1).mean(1)
+        votes = tile_detail(x.flatten(0, 1), default.preprocessing).view(len(files), 9, 1).numpy()
+        pooled = (logits.reshape(len(files), 9, -1) * votes).sum(1) / votes.sum(1)
         np.testing.assert_allclose(pooled, ref.numpy(), atol=1e-4)
         np.testing.assert_allclose(default.scores(torch.from_numpy(pooled))[0].numpy(),
                                    default.scores(ref)[0].numpy(), atol=1e-5)

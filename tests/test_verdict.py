@@ -168,25 +168,35 @@ def test_a_file_that_is_not_a_model_is_named_for_what_it_is(raw, tmp_path, capsy
     assert "broken.onnx" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["native 3x3 crops (the default)", "resizing (train without --native)"])
+# The preprocessing of each kind of model `train` writes, behind the default's weights.
+KINDS = {
+    "native tiles covering the image (the default)": None,
+    "native 3x3 grid (--crops 3)": {"crops": 3, "pool": "mean_logit"},
+    "resizing (train without --native)": {"resize": 110, "crop": 96, "crops": 1, "interpolation": "bilinear",
+                                          "pool": "mean_logit"},
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_the_readme_onnx_runtime_snippet_reproduces_the_cli(kind, default, raw, tmp_path):
     readme = (REPO / "README.md").read_text()
     snippet = re.search(r"<!-- onnxruntime snippet -->\n```python\n(.*?)```", readme, re.S).group(1)
     model, source = default, "default"
-    if kind.startswith("resizing"):  # the default's weights behind the preprocessing `train` stores by default
+    if KINDS[kind]:
         model = imageorigin.load()
-        model.preprocessing = {**model.preprocessing, "resize": 110, "crop": 96, "crops": 1,
-                               "interpolation": "bilinear"}
-        imageorigin.model.save(model, tmp_path / "resizing.safetensors")
-        model = imageorigin.load(tmp_path / "resizing.safetensors")
-        assert model.preprocessing["resize"] == 110
-        source = str(tmp_path / "resizing.safetensors")
+        model.preprocessing = {**model.preprocessing, **KINDS[kind]}
+        imageorigin.model.save(model, tmp_path / "other.safetensors")
+        model = imageorigin.load(tmp_path / "other.safetensors")
+        assert all(model.preprocessing[k] == v for k, v in KINDS[kind].items())
+        source = str(tmp_path / "other.safetensors")
     # PIL's resize (the snippet's) and torchvision's round a few pixels apart: 0.001 for a resizing model.
     tol = 1e-3 if kind.startswith("resizing") else 1e-4
     onnx_path = tmp_path / "model.onnx"
     assert main(["export", source, str(onnx_path)]) == 0
+    # A photo, a painting, and a 1536x1024 gpt-image-1 picture with flat background.
+    full = next(WIDE.parent.joinpath("dh3-full/dalle").glob("*gpt-image-1__floorplan-output.png"))
     for image in (raw / "dalle/eudoxia0_gallery_of_sand__dalle2__timon__pollock__6.jpg",
-                  raw / "human/bsds500__real_photo__test_65084.jpg"):
+                  raw / "human/bsds500__real_photo__test_65084.jpg", full):
         script = tmp_path / "snippet.py"
         script.write_text(snippet.replace('"model.onnx"', repr(str(onnx_path)))
                           .replace('"image.jpg"', repr(str(image))))

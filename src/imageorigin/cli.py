@@ -286,8 +286,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--native", action="store_true",
                    help="native resolution: never resize; train on random crops, score a grid of "
                         "crops over the whole image")
-    p.add_argument("--crops", type=int, default=d.crops,
-                   help="with --native: score a CROPS x CROPS grid of crops, pooled by mean logit")
+    p.add_argument("--crops", type=_crops, default=d.crops, metavar="N|cover",
+                   help="with --native: score an N x N grid of crops pooled by mean logit, or 'cover': "
+                        "tiles over the whole image (at most 256), flat tiles not voting")
     p.add_argument("--no-samples", dest="samples", action="store_false",
                    help="draw no collage or gallery of the images (for a card published where they "
                         "may not be copied)")
@@ -316,6 +317,19 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", dest="num_workers", type=int, default=None,
                    help="decoding worker processes for training batches, threads for "
                         "feature extraction and validation (default: up to 2 / one per CPU)")
+
+
+def _crops(text: str) -> int | str:
+    """--crops: a grid side (a positive whole number) or "cover"."""
+    if text == "cover":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a grid side (1, 2, 3 ...) or 'cover'")
+    return n
 
 
 def _config(args) -> TrainConfig:

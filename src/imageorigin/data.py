@@ -172,21 +172,37 @@ def match_manifest(files: Sequence[str | os.PathLike], rows: Sequence[dict]) -> 
 # ---------------------------------------------------------------- transforms
 
 
+# A covering model scores at most this many tiles of an image: 16 x 16 of 96 px
+# cover 1536 px, the largest side most generators give (gpt-image-1's 1536x1024
+# needs 176); a larger image is scored through that many tiles spread evenly
+# over it (with gaps), so the cost of one image is bounded whatever its size.
+MAX_TILES = 256
+# A tile's 8x8 block whose luma spans at most this many levels (of 255) is
+# "flat": sky, a studio backdrop, a painted-over background.  Such blocks carry
+# no trace of how the image was made; experiments/tiling.py chose it.
+FLAT_SPREAD = 6
+
+
 def default_preprocessing(mean: Sequence[float], std: Sequence[float], size: int = 224,
-                          native: bool = False, grid: int = 1) -> dict:
+                          native: bool = False, grid: int | str = 1) -> dict:
     """A model's preprocessing, stored in its checkpoint.
 
     The seed's: resize the shorter side to ``size``, centre crop, normalise.
     ``native=True``: no resize (an image is enlarged only where a side is under
     ``size``), so pixel-level traces survive; the model scores ``grid`` x ``grid``
     crops of ``size`` spread evenly over the whole image and pools them by their
-    mean logit (``pool``).
+    mean logit (``pool``).  ``grid="cover"``: tiles of ``size`` covering the whole
+    image (at most :data:`MAX_TILES`), pooled by their mean logit weighted by each
+    tile's share of detailed 8x8 blocks (:func:`tile_detail`), so that flat
+    background does not vote.
     """
+    cover = grid == "cover"
     return {
         "resize": None if native else size,
         "crop": size,
         "crops": grid,
-        "pool": "mean_logit",
+        **({"max_crops": MAX_TILES, "flat_spread": FLAT_SPREAD} if cover else {}),
+        "pool": "detail_mean_logit" if cover else "mean_logit",
         "interpolation": "bicubic" if native else "bilinear",
         "mean": list(mean),
         "std": list(std),
@@ -198,10 +214,22 @@ def describe_preprocessing(pre: dict) -> str:
     norm = f"ImageNet mean {pre['mean']} / std {pre['std']}"
     if pre.get("resize") is None:
         n = pre.get("crops", 1)
-        return (f"native resolution (never resized; enlarged only where a side is under {pre['crop']} px), "
-                f"{n}x{n} grid of {pre['crop']} px crops over the whole image, pooled by "
+        native = f"native resolution (never resized; enlarged only where a side is under {pre['crop']} px), "
+        if n == "cover":
+            return (native + f"tiles of {pre['crop']} px covering the whole image (at most {pre['max_crops']}, "
+                    f"spread evenly over larger images), pooled by their mean logit weighted by each tile's "
+                    f"share of 8x8 blocks with detail (luma spread over {pre['flat_spread']}), {norm}")
+        return (native + f"{n}x{n} grid of {pre['crop']} px crops over the whole image, pooled by "
                 f"{pre.get('pool', 'mean_logit').replace('_', ' ')}, {norm}")
     return f"resize shorter side to {pre['resize']}, centre crop {pre['crop']}, {norm}"
+
+
+def _spread(side: int, crop: int, n: int) -> list[int]:
+    """``n`` starts of crops of ``crop`` over ``side`` (>= crop), evenly, the first at
+    0 and the last at the end; one crop is centred."""
+    if n == 1:
+        return [int(round((side - crop) / 2.0))]
+    return [round(i * (side - crop) / (n - 1)) for i in range(n)]
 
 
 def grid_boxes(width: int, height: int, crop: int, n: int) -> list[tuple[int, int]]:
@@ -211,26 +239,59 @@ def grid_boxes(width: int, height: int, crop: int, n: int) -> list[tuple[int, in
     n == 1 is the centre crop.  Crops overlap where the image is smaller than
     ``n * crop`` and leave gaps where it is larger.
     """
-    def spread(side: int) -> list[int]:
-        if n == 1:
-            return [int(round((side - crop) / 2.0))]
-        return [round(i * (side - crop) / (n - 1)) for i in range(n)]
+    return [(x, y) for y in _spread(height, crop, n) for x in _spread(width, crop, n)]
 
-    return [(x, y) for y in spread(height) for x in spread(width)]
+
+def cover_boxes(width: int, height: int, crop: int, max_tiles: int = MAX_TILES) -> list[tuple[int, int]]:
+    """Top-left corners of tiles of side ``crop`` covering a ``width`` x ``height``
+    image (each side at least ``crop``), row by row: ceil(width / crop) across and
+    ceil(height / crop) down, spread evenly (so neighbours overlap by less than a
+    tile), every pixel in at least one.  Over ``max_tiles`` both counts shrink by
+    the same factor, and the tiles spread with gaps.  A 256 px image gets the
+    3x3 grid of 96 px crops; 1536x1024, 16x11; 3680x2456, 19x13 (with gaps)."""
+    nx, ny = -(-width // crop), -(-height // crop)
+    if nx * ny > max_tiles:
+        f = (max_tiles / (nx * ny)) ** 0.5
+        nx, ny = max(1, int(nx * f)), max(1, int(ny * f))
+    return [(x, y) for y in _spread(height, crop, ny) for x in _spread(width, crop, nx)]
+
+
+def _boxes(width: int, height: int, pre: dict) -> list[tuple[int, int]]:
+    """Top-left corners of the model's crops in an image already enlarged to the crop."""
+    if pre.get("crops", 1) == "cover":
+        return cover_boxes(width, height, pre["crop"], pre["max_crops"])
+    return grid_boxes(width, height, pre["crop"], pre.get("crops", 1))
 
 
 def crop_boxes(width: int, height: int, pre: dict) -> list[tuple[int, int, int, int]]:
     """Where a native-crop model's crops lie in a ``width`` x ``height`` image:
     ``(left, top, width, height)`` in the image's own pixels, in the order of
     :class:`GridCrops`.  (A resized model's crops are given in resized pixels.)"""
-    crop, n = pre["crop"], pre.get("crops", 1)
+    crop = pre["crop"]
     scale = max(1.0, crop / min(width, height)) if pre.get("resize") is None else 1.0
     if scale > 1:  # torchvision's rule for resizing the shorter side to `crop`
         w, h = (crop, int(crop * height / width)) if width <= height else (int(crop * width / height), crop)
     else:
         w, h = width, height
     return [(round(x / scale), round(y / scale), round(crop / scale), round(crop / scale))
-            for x, y in grid_boxes(w, h, crop, n)]
+            for x, y in _boxes(w, h, pre)]
+
+
+def tile_detail(tiles: torch.Tensor, pre: dict) -> torch.Tensor:
+    """Each tile's vote in the ``detail_mean_logit`` pool: (N, 3, c, c) normalised
+    tiles -> (N,) the share of their 8x8 blocks whose luma (0.299 R + 0.587 G +
+    0.114 B, 8-bit) spans more than ``flat_spread`` levels.  0 for a tile of flat
+    colour; about 1 for a photo's texture, a face, a drawing's strokes."""
+    mean = torch.tensor(pre["mean"], device=tiles.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre["std"], device=tiles.device).view(1, 3, 1, 1)
+    rgb = ((tiles.float() * std + mean) * 255).round()  # (N, 3, c, c): the 8-bit values again
+    # Luma x 1000 in whole numbers, so that no rounding decides a block (and an
+    # ONNX user's numpy gives the same votes).
+    luma = 299 * rgb[:, 0] + 587 * rgb[:, 1] + 114 * rgb[:, 2]  # (N, c, c)
+    n, c = luma.shape[0], luma.shape[-1] // 8 * 8
+    blocks = luma[:, :c, :c].reshape(n, c // 8, 8, c // 8, 8)
+    spread = blocks.amax(dim=(2, 4)) - blocks.amin(dim=(2, 4))  # (N, c/8, c/8)
+    return (spread > 1000 * pre.get("flat_spread", FLAT_SPREAD)).float().mean(dim=(1, 2))
 
 
 class EnlargeTo:
@@ -248,15 +309,16 @@ class EnlargeTo:
 
 
 class GridCrops:
-    """(3, H, W) -> (n*n, 3, crop, crop): the crops of :func:`grid_boxes`."""
+    """(3, H, W) -> (N, 3, crop, crop): the crops of :func:`crop_boxes` (N = n*n
+    for a grid; for a cover, however many tiles the image needs)."""
 
-    def __init__(self, crop: int, n: int):
-        self.crop, self.n = crop, n
+    def __init__(self, pre: dict):
+        self.pre = pre
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         h, w = image.shape[-2:]
-        c = self.crop
-        return torch.stack([image[..., y:y + c, x:x + c] for x, y in grid_boxes(w, h, c, self.n)])
+        c = self.pre["crop"]
+        return torch.stack([image[..., y:y + c, x:x + c] for x, y in _boxes(w, h, self.pre)])
 
 
 class Degrade:
@@ -319,11 +381,12 @@ def _normalise(pre: dict) -> list:
 
 def eval_transform(pre: dict) -> T.Compose:
     """PIL RGB image -> the model's input: (3, crop, crop), or (K, 3, crop, crop)
-    for a model that scores K = ``crops``**2 crops of the image (pooled by
+    for a model that scores K crops of the image: ``crops``**2, or a cover's
+    tiles, K depending on the image's size (pooled by
     :meth:`imageorigin.model.Classifier.pool`)."""
     base = _base(pre)
-    if pre.get("crops", 1) > 1:
-        base[-1] = GridCrops(pre["crop"], pre["crops"])
+    if pre.get("crops", 1) != 1:
+        base[-1] = GridCrops(pre)
     return T.Compose(base + _normalise(pre))
 
 
@@ -409,16 +472,25 @@ class ImageDataset(Dataset):
 def collate(batch):
     """Stack the decodable items; keep (index, error) for the rest.
 
-    Returns ``(indices (B,), images (B, 3, H, W) or None, labels (B,), failures)``.
+    Returns ``(indices (B,), images (B, 3, H, W) or None, labels (B,), failures)``;
+    images are (B, K, 3, H, W) for K crops of each, or a list of B (K_i, 3, H, W)
+    where a covering model gives images of different sizes different counts.
     """
     good = [b for b in batch if b[1] is not None]
     failures = [(b[0], b[3]) for b in batch if b[1] is None]
     if not good:
         return torch.empty(0, dtype=torch.long), None, torch.empty(0, dtype=torch.long), failures
     idx = torch.tensor([b[0] for b in good])
-    images = torch.stack([b[1] for b in good])
+    images = stack_images([b[1] for b in good])
     labels = torch.tensor([b[2] for b in good])
     return idx, images, labels, failures
+
+
+def stack_images(images: list[torch.Tensor]):
+    """Preprocessed images -> one batch: stacked into (B, ...) where all have one
+    shape, else the list itself (a covering model's images of different sizes:
+    (K_i, 3, H, W) each; :func:`imageorigin.model.pooled` takes either)."""
+    return torch.stack(images) if len({x.shape for x in images}) == 1 else list(images)
 
 
 def batches(dataset: Dataset, batch_size: int, threads: int | None = None) -> Iterator[tuple]:

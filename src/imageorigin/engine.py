@@ -291,7 +291,8 @@ MIN_SAME_LABEL = 0.995
 def check_precision(model, images: torch.Tensor, engine: str = "auto", batch_size: int = 32) -> dict:
     """Whether ``model`` (a Classifier) gives the fp32 answers in bf16 on ``images``.
 
-    ``images`` is (N, 3, H, W) or crops (N, K, 3, H, W), already preprocessed.
+    ``images`` is (N, 3, H, W) or crops (N, K, 3, H, W), or a list of N (K_i, 3, H, W),
+    already preprocessed.
     Returns ``{"precision": "bf16" or "fp32", "images": N, "same_label": share,
     "max_prob_diff": ..., "host_bf16": bool, "outcome": words}``: bf16 only if
     at least 99.5% of labels are the same and no calibrated probability moves
@@ -300,7 +301,7 @@ def check_precision(model, images: torch.Tensor, engine: str = "auto", batch_siz
     ``outcome`` "fp32: this CPU has no bf16", so a later run on this machine
     neither checks again nor claims a bf16 that never ran.
     """
-    size = images.shape[-1]
+    size = model.preprocessing["crop"]
     low = cached_engine(model, engine, "bf16", size)
     if low.precision != "bf16":
         on_cpu = low.name == "openvino" or next(model.parameters()).device.type == "cpu"
@@ -314,8 +315,8 @@ def check_precision(model, images: torch.Tensor, engine: str = "auto", batch_siz
     runs = {}
     for precision, run in (("fp32", cached_engine(model, engine, "fp32", size)), ("bf16", low)):
         # Cached: the engine chosen by the check is then used without compiling it again.
-        logits = model.pool(torch.cat([run(images[i:i + batch_size])
-                                       for i in range(0, len(images), batch_size)]))
+        logits = torch.cat([model.image_logits(run, images[i:i + batch_size])[0]
+                            for i in range(0, len(images), batch_size)])
         runs[precision], _ = model.scores(logits)  # (N, C) calibrated probabilities
     ref, bf16 = runs["fp32"], runs["bf16"]
     same = round((ref.argmax(1) == bf16.argmax(1)).float().mean().item(), 4)

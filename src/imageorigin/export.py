@@ -8,11 +8,13 @@ file's metadata: ``labels``, ``preprocessing``, ``temperature``, ``threshold``,
 ``human_label`` (JSON values) and ``imageorigin`` (the whole checkpoint
 description, as :meth:`Classifier.describe` gives it).
 
-A native multi-crop model (``preprocessing["crops"]`` n > 1) is exported per
-crop: feed an image's n*n crops (see :func:`imageorigin.data.crop_boxes`) as
-rows of the batch, take the mean of their ``logits`` (the ``pool`` rule), and
-the image's probabilities are ``softmax(mean_logits / temperature)``; ``probs``
-is then each crop's own.  Per crop, so that the patch map survives export.
+A native multi-crop model (``preprocessing["crops"]``: a grid side n > 1, or
+"cover") is exported per crop: feed an image's crops (see
+:func:`imageorigin.data.crop_boxes`) as rows of the batch, pool their
+``logits`` by the ``pool`` rule (the mean, or for ``detail_mean_logit`` the mean
+weighted by :func:`imageorigin.data.tile_detail`), and the image's
+probabilities are ``softmax(pooled_logits / temperature)``; ``probs`` is then
+each crop's own.  Per crop, so that the patch map survives export.
 
 :func:`load_onnx` reads such a file back as a model ``predict`` runs (on
 OpenVINO, which reads ONNX): ``imageorigin predict --model model.onnx``.

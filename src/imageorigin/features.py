@@ -35,6 +35,7 @@ from tqdm import tqdm
 from .data import ImageDataset, batches
 from .engine import Engine, module_digest
 from .fileio import atomic_path
+from .model import pooled
 from .runtime import cache_dir
 
 
@@ -79,13 +80,14 @@ def view_names(views: int, augment: dict, seed: int) -> list[str]:
 
 
 def extract(files: Sequence[str | os.PathLike], engine: Engine, transform, names: list[str],
-            context: Path | None, *, seed: int = 0,
+            context: Path | None, *, seed: int = 0, preprocessing: dict | None = None,
             batch_size: int = 32, num_workers: int | None = None, progress: bool = False,
             desc: str = "features") -> Views:
     """Features of every file under every view in ``names`` (see :func:`view_names`).
 
     ``transform`` makes a view from a decoded image (the eval transform for
-    ``["eval"]``, the training transform otherwise); ``engine`` runs the backbone.
+    ``["eval"]``, the training transform otherwise); ``engine`` runs the backbone;
+    an image's crops are pooled by ``preprocessing``'s rule (:func:`imageorigin.model.pooled`).
     Vectors already under ``context`` are read; the rest are computed in
     batches and written there (``context=None``: no cache).  Unreadable files
     are marked in ``ok`` and listed in ``errors``; their rows are zeros.
@@ -112,11 +114,10 @@ def extract(files: Sequence[str | os.PathLike], engine: Engine, transform, names
                 for j, err in failures:
                     bad[todo[j][0]] = err
                 if images is not None:
-                    out = engine(images)  # (B, D), or (B, N, D) for N crops of each image
-                    if out.dim() == 3:
-                        # The crops' mean feature: with a linear head its logit is
-                        # the crops' mean logit, the model's pooling rule.
-                        out = out.mean(1)
+                    # (B, D).  Crops are pooled by the model's rule: with a linear
+                    # head the logit of the crops' (weighted) mean feature is their
+                    # (weighted) mean logit.
+                    out, _ = pooled(engine, images, preprocessing or {})
                     for j, vec in zip(idx.tolist(), out):
                         i, v = todo[j]
                         feats[i, v] = vec

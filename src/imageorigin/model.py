@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import backbones
-from .data import default_preprocessing, eval_transform
+from .data import default_preprocessing, eval_transform, tile_detail
 from .fileio import atomic_path
 from .runtime import device
 
@@ -36,6 +36,8 @@ DISPLAY_NAMES = {
     "human": "Human-created",
     "other_ai": "Other AI-generated",
 }
+# How a multi-crop model pools its crops (see Scoring.pool).
+POOL_RULES = ("mean_logit", "detail_mean_logit")
 
 
 class CheckpointError(ValueError):
@@ -48,17 +50,14 @@ class Scoring:
     an exported ONNX model (:class:`imageorigin.export.OnnxClassifier`); needs
     ``preprocessing``, ``temperature``, ``labels`` and ``human_label``."""
 
-    def pool(self, logits: torch.Tensor) -> torch.Tensor:
+    def pool(self, logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Per-crop logits (B, N, C) -> one image's logits (B, C), by the
-        preprocessing's ``pool`` rule: the mean logit (the published default for
-        multi-crop detectors; for a linear head it equals the head applied to the
-        crops' mean feature).  (B, C) passes unchanged."""
-        if logits.dim() == 2:
-            return logits
-        rule = self.preprocessing.get("pool", "mean_logit")
-        if rule != "mean_logit":
-            raise ValueError(f"unknown pooling rule {rule!r} in the checkpoint's preprocessing")
-        return logits.mean(1)
+        preprocessing's ``pool`` rule (see :func:`pool`).  (B, C) passes unchanged."""
+        return pool(logits, weights, self.preprocessing.get("pool", "mean_logit"))
+
+    def image_logits(self, run, images, chunk: int = 256) -> tuple[torch.Tensor, list | None]:
+        """:func:`pooled` with this model's preprocessing."""
+        return pooled(run, images, self.preprocessing, chunk)
 
     def scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Calibrated probabilities (B, C) = softmax(logits / temperature), and
@@ -71,6 +70,45 @@ class Scoring:
     def human_index(self) -> int | None:
         """Index of the human-created class, or None if the model has none."""
         return None if self.human_label is None else self.labels.index(self.human_label)
+
+
+def pool(logits: torch.Tensor, weights: torch.Tensor | None, rule: str) -> torch.Tensor:
+    """Per-crop logits (B, N, C) -> one image's logits (B, C) by ``rule``: the mean
+    logit (the published default for multi-crop detectors; for a linear head it
+    equals the head applied to the crops' mean feature), or ``detail_mean_logit``,
+    the mean weighted by ``weights`` (B, N), each crop's
+    :func:`imageorigin.data.tile_detail`, so flat crops do not vote (an image with
+    no detailed crop takes the plain mean).  (B, C) passes unchanged."""
+    if logits.dim() == 2:
+        return logits
+    if rule not in POOL_RULES:
+        raise ValueError(f"unknown pooling rule {rule!r} in the checkpoint's preprocessing")
+    if rule == "mean_logit" or weights is None:
+        return logits.mean(1)
+    w = weights.to(logits.device, logits.dtype)  # (B, N)
+    w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
+    return (logits * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
+
+
+def pooled(run, images, pre: dict, chunk: int = 256) -> tuple[torch.Tensor, list | None]:
+    """Run ``run`` ((M, 3, c, c) -> (M, K): logits, or a backbone's features) over a
+    batch of preprocessed images and pool each image's crops by ``pre``'s rule.
+
+    ``images`` is (B, 3, c, c), (B, N, 3, c, c), or a list of B (N_i, 3, c, c)
+    (see :func:`imageorigin.data.collate`).  Returns (B, K) and, for crops, each
+    image's ``(outputs (N_i, K), weights (N_i,))`` (None for single-crop input).
+    The crops of the whole batch run ``chunk`` at a time, so a batch of large
+    images needs no more memory than ``chunk`` crops."""
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        return run(images), None
+    counts = [len(x) for x in images]
+    tiles = torch.cat(list(images)) if isinstance(images, list) else images.flatten(0, 1)
+    out = torch.cat([run(tiles[i:i + chunk]) for i in range(0, len(tiles), chunk)])  # (sum N, K)
+    rule = pre.get("pool", "mean_logit")
+    weighted = rule == "detail_mean_logit"
+    w = tile_detail(tiles, pre).to(out.device) if weighted else torch.ones(len(tiles), device=out.device)
+    crops = list(zip(out.split(counts), w.split(counts)))
+    return torch.cat([pool(o[None], v[None], rule) for o, v in crops]), crops
 
 
 class Classifier(Scoring, nn.Module):
@@ -117,13 +155,12 @@ class Classifier(Scoring, nn.Module):
         self.info = dict(info or {})
         self.transform = eval_transform(self.preprocessing)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, C) logits; crops (B, N, 3, H, W) ->
-        (B, C) pooled logits (see :meth:`pool`)."""
-        if x.dim() == 5:
-            b, n = x.shape[:2]
-            return self.pool(self.head(self.backbone(x.flatten(0, 1))).view(b, n, -1))
-        return self.head(self.backbone(x))
+    def forward(self, x) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, C) logits; crops (B, N, 3, H, W),
+        or a list of B (N_i, 3, H, W), -> (B, C) pooled logits (see :meth:`image_logits`)."""
+        if isinstance(x, torch.Tensor) and x.dim() == 4:
+            return self.head(self.backbone(x))
+        return self.image_logits(lambda t: self.head(self.backbone(t)), x)[0]
 
     def train(self, mode: bool = True) -> "Classifier":
         """Like nn.Module.train, but a frozen backbone always stays in eval mode.

@@ -47,8 +47,8 @@ class Prediction:
     # What the decoder said about a damaged but readable file (corrupt EXIF ...).
     warnings: list[str] = field(default_factory=list)
     # The patch map: where each scored crop lies in the image, (left, top,
-    # width, height) in its pixels, and the crop's own p_ai.  Empty for a
-    # single-crop model.
+    # width, height) in its pixels, the crop's own p_ai and its weight in the
+    # pool (see _patches).  Empty for a single-crop model.
     patches: list[dict] = field(default_factory=list)
     # With predict(..., evidence=True): what the file's own metadata declares
     # (see :mod:`imageorigin.provenance`), with its one-word ``summary``.
@@ -125,10 +125,10 @@ def predict(
             if images is not None:
                 if unchecked:
                     run, unchecked = _check_on(model, images, engine), False
-                out = run(images)  # (B, C) logits, or (B, N, C) for N crops of each image
-                probs, ai = model.scores(model.pool(out))  # (B, C), (B,) or None
+                # (B, C) pooled logits; per image its crops' (N_i, C) logits and (N_i,) votes
+                logits, crops = model.image_logits(run, images)
+                probs, ai = model.scores(logits)  # (B, C), (B,) or None
                 ai = [None] * len(probs) if ai is None else ai.tolist()
-                crop_ai = _crop_p_ai(model, out)  # (B, N) or None
                 for j, (i, p, p_ai) in enumerate(zip(idx.tolist(), probs.tolist(), ai)):
                     size, caveats, warned = dataset.seen.pop(i)  # (width, height), [str], [str]
                     verdict = band(p_ai, model.bands, cut, caveats)
@@ -141,10 +141,7 @@ def predict(
                         verdict=verdict,
                         caveats=caveats,
                         warnings=warned,
-                        patches=[] if crop_ai is None else [
-                            {"box": list(box), "p_ai": c}
-                            for box, c in zip(crop_boxes(*size, model.preprocessing),
-                                              crop_ai[j].tolist())],
+                        patches=[] if crops is None else _patches(model, size, *crops[j]),
                     )
             bar.update(len(failures) + (0 if images is None else len(images)))
             while next_out in pending:  # batches keep order; this is cheap insurance
@@ -241,10 +238,13 @@ def _label(model: Classifier, probs: list[float], p_ai: float | None, threshold:
     return model.labels[h] if p_ai < threshold else model.labels[next(i for i in order if i != h)]
 
 
-def _crop_p_ai(model: Classifier, out):
-    """Each crop's own calibrated p_ai, (B, N), from per-crop logits (B, N, C);
-    None for single-crop output or a model without a human class."""
-    if out.dim() != 3 or model.human_index is None:
-        return None
-    _, p_ai = model.scores(out.flatten(0, 1))
-    return p_ai.view(out.shape[0], out.shape[1])
+def _patches(model: Classifier, size: tuple[int, int], logits, weights) -> list[dict]:
+    """The patch map of one image: each scored crop's box (left, top, width, height)
+    in the image's pixels, its own calibrated p_ai, and its ``weight`` in the
+    pool (0 for a flat crop, which does not vote).  Empty for a model without a
+    human class.  logits: (N, C); weights: (N,)."""
+    if model.human_index is None:
+        return []
+    _, p_ai = model.scores(logits)
+    return [{"box": list(box), "p_ai": p, "weight": round(w, 4)}
+            for box, p, w in zip(crop_boxes(*size, model.preprocessing), p_ai.tolist(), weights.tolist())]

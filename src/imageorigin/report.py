@@ -145,20 +145,32 @@ def prediction_gallery(preds, path, per_row: int = 4) -> Path:
 
 def overlay(image_path, prediction, path) -> Path:
     """The image with its patch map drawn over it: each scored crop tinted from
-    green (p_ai 0) to red (p_ai 1), its p_ai written in it; the verdict as title."""
+    green (p_ai 0) to red (p_ai 1), its p_ai written in it where the crops are
+    few enough to read; a flat crop, which does not vote, only outlined in grey.
+    The verdict is the title."""
     image = decode_image(image_path)
     fig, ax = plt.subplots(figsize=(7, 7 * image.height / max(image.width, 1) + 0.6), layout="constrained")
     ax.imshow(np.asarray(image))
-    for patch in prediction.patches:
+    patches = prediction.patches
+    numbered = len(patches) <= 36  # beyond 6 x 6 the numbers cover the picture
+    for patch in patches:
         x, y, w, h = patch["box"]
+        if patch.get("weight", 1) == 0:
+            ax.add_patch(matplotlib.patches.Rectangle((x, y), w, h, fill=False, edgecolor="0.6",
+                                                      linewidth=0.8, linestyle=":"))
+            continue
         colour = (patch["p_ai"], 1 - patch["p_ai"], 0.15)
         ax.add_patch(matplotlib.patches.Rectangle((x, y), w, h, facecolor=(*colour, 0.35),
-                                                  edgecolor=colour, linewidth=1.5))
-        ax.text(x + w / 2, y + h / 2, f"{patch['p_ai']:.2f}", ha="center", va="center", fontsize=8,
-                color="white", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
+                                                  edgecolor=colour, linewidth=1.5 if numbered else 0.6))
+        if numbered:
+            ax.text(x + w / 2, y + h / 2, f"{patch['p_ai']:.2f}", ha="center", va="center", fontsize=8,
+                    color="white", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
     ax.axis("off")
+    flat = sum(p.get("weight", 1) == 0 for p in patches)
     ax.set_title(f"{Path(str(image_path)).name}: {WORDS.get(prediction.verdict, prediction.label)}, "
-                 f"p_ai {prediction.p_ai:.2f} (boxes: each crop's own p_ai)", fontsize=9)
+                 f"p_ai {prediction.p_ai:.2f}\n{len(patches)} crops, each tinted by its own p_ai "
+                 f"(green 0, red 1)" + (f"; {flat} flat, dotted grey, do not vote" if flat else ""),
+                 fontsize=9)
     return _save(fig, path)
 
 

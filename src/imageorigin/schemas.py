@@ -36,10 +36,13 @@ class Provenance(BaseModel):
 
 
 class Patch(BaseModel):
-    """One scored crop of the patch map: its box in the image's pixels and its own p_ai."""
+    """One scored crop of the patch map: its box in the image's pixels, its own
+    p_ai, and its weight in the image's score."""
 
     box: list[int] = Field(description="left, top, width, height")
     p_ai: float
+    weight: float = Field(1.0, description="its vote in the pooled score: the share of its 8x8 blocks "
+                                           "with detail; 0 for flat colour, which does not vote")
 
 
 class ModelRef(BaseModel):

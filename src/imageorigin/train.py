@@ -38,6 +38,7 @@ from .data import (
     match_manifest,
     read_manifest,
     scan_folders,
+    stack_images,
     stratified_split,
     train_transform,
 )
@@ -45,7 +46,7 @@ from .engine import check_precision, create_engine
 from .evaluate import evaluate
 from .fileio import atomic_path, write_json
 from .autoencoder import load_autoencoder
-from .model import Classifier, save
+from .model import Classifier, pooled, save
 from .pseudofakes import licence_of, pair_accuracy, training_pairs
 from .model import load as load_model
 from .runtime import device
@@ -86,9 +87,10 @@ class TrainConfig:
     image_size: int = 224  # resize the shorter side and centre crop to this
     train_crop: int = 0  # >0: train on random crops of this size
     # Native resolution: no resize; train on random image_size crops, score a
-    # crops x crops grid of them over the whole image, pooled by mean logit.
+    # crops x crops grid of them over the whole image, pooled by mean logit, or
+    # ("cover") tiles over all of it (see imageorigin.data.cover_boxes).
     native: bool = False
-    crops: int = 1
+    crops: int | str = 1
     # Warm start: a checkpoint whose backbone, head, labels and preprocessing
     # this run starts from (adapting a model to a new generator).
     init: str | None = None
@@ -555,7 +557,7 @@ class _FeatureSource:
     def _extract(self, folder: LabelledFolder, transform, names: list[str], desc: str):
         cfg = self.cfg
         v = features.extract([p for p, _ in folder.samples], self.engine, transform, names,
-                             self.context, seed=cfg.seed,
+                             self.context, seed=cfg.seed, preprocessing=self.model.preprocessing,
                              batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                              progress=self.progress, desc=desc)
         self.stats["vectors_cached"] += v.cached
@@ -616,8 +618,11 @@ def _logits(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, progres
         for _, images, y, _ in tqdm(dl, desc="validation", unit="batch", disable=not progress,
                                     leave=False):
             if images is not None:
-                images, y = images.to(dev), y.to(dev)
-                outs.append(model(images) if head else model.backbone(images))
+                # A list where a covering model's images have different tile counts.
+                images = [x.to(dev) for x in images] if isinstance(images, list) else images.to(dev)
+                y = y.to(dev)
+                # Features of a multi-crop model: its crops' features pooled by its rule.
+                outs.append(model(images) if head else pooled(model.backbone, images, model.preprocessing)[0])
                 labels.append(y)
     return torch.cat(outs), torch.cat(labels)
 
@@ -665,9 +670,9 @@ def _calibrate(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, prog
         model.info["thresholds_at_fpr"] = {
             str(f): choose_threshold(p_ai.numpy(), is_human, f) for f in (0.01, 0.02, 0.05, 0.1)}
     # bf16 doubles CPU speed, but only some models give the fp32 answers in it.
-    images = torch.cat([x for _, x, _, _ in batches(
+    images = stack_images([image for _, x, _, _ in batches(
         ImageDataset([p for p, _ in folder.samples[:256]], model.transform),
-        cfg.batch_size) if x is not None])
+        cfg.batch_size) if x is not None for image in x])
     check = check_precision(model, images)
     model.inference_precision = check["precision"]
     model.info["precision_check"] = check

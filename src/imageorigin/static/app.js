@@ -53,6 +53,13 @@ function drawHeatmap(canvas, img, patches, opacity) {
   ctx.globalAlpha = opacity;
   for (const p of patches) {
     const [x, y, w, h] = p.box;
+    if (p.weight === 0) {  // flat colour: scored, but no vote in the verdict
+      ctx.strokeStyle = "rgb(150, 150, 150)";
+      ctx.setLineDash([4, 4]);
+      ctx.strokeRect(x + 0.5, y + 0.5, w - 1, h - 1);
+      ctx.setLineDash([]);
+      continue;
+    }
     const red = Math.round(255 * p.p_ai), green = Math.round(255 * (1 - p.p_ai));
     ctx.fillStyle = `rgb(${red}, ${green}, 40)`;
     ctx.fillRect(x, y, w, h);
@@ -82,7 +89,7 @@ function card(file, result) {
   show.addEventListener("change", redraw);
   opacity.addEventListener("input", redraw);
   c.append(fig, el("div", { class: "controls" },
-    el("label", { for: show.id }, show, " heatmap (red: crops that look AI-made)"),
+    el("label", { for: show.id }, show, " heatmap (red: crops that look AI-made; dashed grey: flat, not counted)"),
     el("label", { for: opacity.id }, "opacity ", opacity)));
   c.append(el("p", { class: `verdict ${result.verdict}` }, WORDS[result.verdict] || result.verdict));
   const low = model && model.bands ? model.bands.likely_human : null;
