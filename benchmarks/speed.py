@@ -120,7 +120,9 @@ def _child(kind: str, ckpt: str, folder: Path, out: Path) -> dict:
 
 
 def _plain(ckpt: str, folder: str, out: str) -> None:
-    """The baseline a user writes: PIL, torchvision transforms, eager fp32, batch 32."""
+    """The baseline a user writes: PIL, torchvision transforms, eager fp32, batch 32
+    (at most 256 crops a forward pass)."""
+    import numpy as np
     import torch
     import torchvision
     from PIL import Image
@@ -145,24 +147,43 @@ def _plain(ckpt: str, folder: str, out: str) -> None:
     normalise = T.Compose([T.ToTensor(), T.Normalize(pre["mean"], pre["std"])])
     c, n = pre["crop"], pre.get("crops", 1)
 
-    def transform(im):  # -> (K, 3, c, c): K crops of the image, as the checkpoint says
+    def at(side, k):
+        return [round(i * (side - c) / (k - 1)) for i in range(k)] if k > 1 else [(side - c) // 2]
+
+    def transform(im):  # -> (K, 3, c, c) crops, (K,) votes: as the checkpoint says
         if pre["resize"]:
-            return normalise(T.CenterCrop(c)(T.Resize(pre["resize"])(im)))[None]
+            return normalise(T.CenterCrop(c)(T.Resize(pre["resize"])(im)))[None], torch.ones(1)
         if min(im.size) < c:
             im = T.Resize(c, interpolation=T.InterpolationMode.BICUBIC)(im)
+        w, h = im.size
+        nx, ny = (n, n) if n != "cover" else (-(-w // c), -(-h // c))
+        if nx * ny > pre.get("max_crops", nx * ny):
+            f = (pre["max_crops"] / (nx * ny)) ** 0.5
+            nx, ny = max(1, int(nx * f)), max(1, int(ny * f))
+        boxes = [(x0, y) for y in at(h, ny) for x0 in at(w, nx)]
         x = normalise(im)
-        h, w = x.shape[1:]
-        ys = [round(i * (h - c) / max(n - 1, 1)) for i in range(n)] if n > 1 else [(h - c) // 2]
-        xs = [round(i * (w - c) / max(n - 1, 1)) for i in range(n)] if n > 1 else [(w - c) // 2]
-        return torch.stack([x[:, y:y + c, x0:x0 + c] for y in ys for x0 in xs])
+        crops = torch.stack([x[:, y:y + c, x0:x0 + c] for x0, y in boxes])
+        if pre.get("pool") != "detail_mean_logit":
+            return crops, torch.ones(len(boxes))
+        # A crop's vote: its share of 8x8 blocks whose luma spans more than flat_spread.
+        luma = torch.from_numpy(np.asarray(im.convert("RGB"), np.float32)) @ torch.tensor([299., 587., 114.])
+        votes = []
+        for x0, y in boxes:
+            b = luma[y:y + c, x0:x0 + c].reshape(c // 8, 8, c // 8, 8)
+            votes.append(((b.amax((1, 3)) - b.amin((1, 3))) > 1000 * pre["flat_spread"]).float().mean())
+        votes = torch.stack(votes)
+        return crops, votes if votes.sum() > 0 else torch.ones(len(boxes))
 
     files = sorted(Path(folder).iterdir())
     probs = []
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(files), 32):
-            x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files[i:i + 32]])
-            logits = net(x.flatten(0, 1)).view(x.shape[0], x.shape[1], -1).mean(1)  # mean logit
+            batch = [transform(Image.open(f).convert("RGB")) for f in files[i:i + 32]]
+            crops = torch.cat([x for x, _ in batch])  # every crop of the batch's images
+            out = torch.cat([net(crops[j:j + 256]) for j in range(0, len(crops), 256)])
+            out = out.split([len(x) for x, _ in batch])
+            logits = torch.stack([(o * v[:, None]).sum(0) / v.sum() for o, (_, v) in zip(out, batch)])
             probs.append(torch.softmax(logits / meta["temperature"], 1))
     seconds = time.perf_counter() - start
     Path(out).write_text(json.dumps({"seconds": seconds, "images": len(files), "engine": "eager fp32",

@@ -249,3 +249,18 @@ def test_stored_threshold_rates_match_the_predictions(small_folder, tmp_path):
     assert "robustness" not in m and "per_source" not in m
     report = (tmp_path / "report.md").read_text()
     assert f"p_ai ≥ 0.45): FPR | {m['human_flagged_rate']:.3f} |" in report
+
+
+def test_full_size_originals_are_reported_by_image_size(shared, bench, tmp_path):
+    """Real uploads come in every size: the report says how the model does at each."""
+    for c in ("dalle", "human", "other_ai"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for f in sorted((shared / "dh3-full" / c).iterdir())[:3] + sorted((bench / "native/val" / c).iterdir())[:3]:
+            shutil.copy(f, tmp_path / "data" / c / f.name)
+    assert main(["evaluate", "default", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+                 "--no-robustness", "--no-samples", "--quiet"]) == 0
+    sizes = json.loads((tmp_path / "out/metrics.json").read_text())["by_size"]
+    assert sizes["up to 256 px"]["n"] == 9 and sum(v["n"] for v in sizes.values()) == 18
+    assert all(v["n_ai"] + v["n_human"] == v["n"] for v in sizes.values())
+    report = (tmp_path / "out/report.md").read_text()
+    assert "## By image size" in report and "| up to 256 px | 9 (6 / 3) |" in report

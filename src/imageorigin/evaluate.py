@@ -120,6 +120,8 @@ def evaluate(
     - with ``manifest`` (a CSV with ``path`` and ``source`` columns):
       ``per_source`` (see :func:`per_source`) and ``mean_auc_vs_human``, the
       mean of the AI sources' AUC against all human images.
+    - ``by_size``: the same figures per size of image (see :func:`by_size`), where
+      the images come in more than one size.
     - with ``robustness``: ``robustness``, one row per setting of :data:`SWEEP`
       after a ``clean`` row (see :func:`robustness_sweep`); 10 more passes over the data.
 
@@ -189,6 +191,7 @@ def evaluate(
         aucs = [s["auc_vs_all_human"] for name, s in result["per_source"].items()
                 if s["auc_vs_all_human"] is not None and name != UNKNOWN_SOURCE]
         result["mean_auc_vs_human"] = float(np.mean(aucs)) if aucs else None
+    result["by_size"] = by_size([preds[i].size for i in ok], y, y_pred, is_ai, p_ai, threshold)
     if robustness:
         result["robustness"] = robustness_sweep(
             model, [paths[i] for i in ok], y, y_pred, p_ai, batch_size=batch_size, progress=progress,
@@ -353,6 +356,31 @@ def per_source(sources: np.ndarray, y: np.ndarray, y_pred: np.ndarray, is_ai: np
             "flagged_rate": None if sub_p is None or threshold is None
             else float(np.mean(sub_p >= threshold)),
         }
+    return out
+
+
+# Longer side of an image, in px: the buckets of :func:`by_size`.
+SIZE_BUCKETS = ((256, "up to 256 px"), (767, "257-767 px"), (1279, "768-1279 px"), (None, "1280 px and over"))
+
+
+def by_size(sizes: Sequence[tuple[int, int]], y: np.ndarray, y_pred: np.ndarray, is_ai: np.ndarray | None,
+            p_ai: np.ndarray | None, threshold: float | None) -> dict | None:
+    """Figures per size of image (its longer side, :data:`SIZE_BUCKETS`): {bucket:
+    {n, n_ai, n_human, accuracy, ai_vs_human_auc, human_flagged_rate, ai_detected_rate}};
+    None where every image falls in one bucket (the headline says it all)."""
+    side = np.array([max(s) for s in sizes])
+    bucket = np.array([next(name for top, name in SIZE_BUCKETS if top is None or s <= top) for s in side])
+    if len(set(bucket.tolist())) < 2:
+        return None
+    out = {}
+    for _, name in SIZE_BUCKETS:
+        m = bucket == name
+        if not m.any():
+            continue
+        sub_ai = None if is_ai is None else is_ai[m]
+        fig = figures(y_pred[m] == y[m], sub_ai, None if p_ai is None else p_ai[m], threshold)
+        out[name] = {"n": int(m.sum()), "n_ai": None if sub_ai is None else int(sub_ai.sum()),
+                     "n_human": None if sub_ai is None else int((~sub_ai).sum()), **fig}
     return out
 
 

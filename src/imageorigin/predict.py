@@ -50,6 +50,8 @@ class Prediction:
     # width, height) in its pixels, the crop's own p_ai and its weight in the
     # pool (see _patches).  Empty for a single-crop model.
     patches: list[dict] = field(default_factory=list)
+    # (width, height) of the decoded image, EXIF orientation applied.
+    size: tuple[int, int] | None = None
     # With predict(..., evidence=True): what the file's own metadata declares
     # (see :mod:`imageorigin.provenance`), with its one-word ``summary``.
     provenance: dict | None = None
@@ -142,6 +144,7 @@ def predict(
                         caveats=caveats,
                         warnings=warned,
                         patches=[] if crops is None else _patches(model, size, *crops[j]),
+                        size=tuple(size),
                     )
             bar.update(len(failures) + (0 if images is None else len(images)))
             while next_out in pending:  # batches keep order; this is cheap insurance

@@ -428,6 +428,18 @@ def write_evaluation_report(result: dict, out_dir: str | os.PathLike,
              for s, v in result["per_source"].items()])
         lines += ["", "![Per source](per_source.png)", ""]
 
+    if result.get("by_size"):
+        lines += ["## By image size", "",
+                  "Images grouped by their longer side, as decoded (the model scores them at "
+                  "native resolution: a larger image is read through more tiles).", ""]
+        lines += _table(
+            ["longer side", "images (AI / human)", "accuracy", "AI-vs-human AUC", "humans flagged",
+             "AI detected"],
+            [[name, f"{v['n']} ({v['n_ai']} / {v['n_human']})" if v["n_ai"] is not None else v["n"],
+              _num(v["accuracy"]), _num(v["ai_vs_human_auc"]), _num(v["human_flagged_rate"]),
+              _num(v["ai_detected_rate"])] for name, v in result["by_size"].items()])
+        lines += [""]
+
     if result.get("robustness"):
         rows = result["robustness"]
         clean = rows[0]
