@@ -15,66 +15,25 @@ transformations run in memory; each re-encoded file is decoded again by
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import time
 from pathlib import Path
 
-from PIL import Image
 
 import imageorigin
-from imageorigin.evaluate import PERTURBATIONS
+from imageorigin.evaluate import RESAVES
 from imageorigin.images import find_images
 
 SHARED = Path(os.environ.get("IMAGEORIGIN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-jpeg, downscale, sharpen = PERTURBATIONS["jpeg"], PERTURBATIONS["downscale"], PERTURBATIONS["sharpen"]
-
-
-def webp(image: Image.Image, quality: int) -> Image.Image:
-    buf = io.BytesIO()
-    image.save(buf, format="WEBP", quality=quality)
-    return imageorigin.decode_image(buf.getvalue(), name=f"<webp q{quality}>")
-
-
-def to_long_side(image: Image.Image, side: int) -> Image.Image:
-    """Shrunk (never enlarged) so the longer side is ``side`` px, as a phone's share sheet does."""
-    w, h = image.size
-    return downscale(image, min(1.0, side / max(w, h)))
-
-
-def centre_crop(image: Image.Image, share: float) -> Image.Image:
-    w, h = image.size
-    cw, ch = round(w * share), round(h * share)
-    left, top = (w - cw) // 2, (h - ch) // 2
-    return image.crop((left, top, left + cw, top + ch))
-
-
-# name -> transformation of a decoded RGB image
-TRANSFORMS = {
-    "original": lambda im: im,
-    "JPEG q95": lambda im: jpeg(im, 95),
-    "JPEG q85": lambda im: jpeg(im, 85),
-    "JPEG q70": lambda im: jpeg(im, 70),
-    "JPEG q50": lambda im: jpeg(im, 50),
-    "JPEG q85 then q70 (saved twice)": lambda im: jpeg(jpeg(im, 85), 70),
-    "JPEG q70 then q50 (saved twice)": lambda im: jpeg(jpeg(im, 70), 50),
-    "downscale 1/2, JPEG q80": lambda im: jpeg(downscale(im, 0.5), 80),
-    "downscale 1/3, JPEG q80": lambda im: jpeg(downscale(im, 1 / 3), 80),
-    "downscale 1/4, JPEG q80": lambda im: jpeg(downscale(im, 0.25), 80),
-    "long side 1080 px, JPEG q75 (a phone's share)": lambda im: jpeg(to_long_side(im, 1080), 75),
-    "sharpen 150%, JPEG q90 (a phone camera)": lambda im: jpeg(sharpen(im, 1.5), 90),
-    "WebP q80": lambda im: webp(im, 80),
-    "centre crop 70%, JPEG q90": lambda im: jpeg(centre_crop(im, 0.7), 90),
-}
 
 
 def measure(model, files: list[Path], batch: int = 32) -> dict[str, dict]:
     """Per transformation: images, flagged likely AI (verdict), at or above the threshold (p_ai)."""
-    out = {name: {"images": 0, "likely_ai": 0, "above_threshold": 0} for name in TRANSFORMS}
+    out = {name: {"images": 0, "likely_ai": 0, "above_threshold": 0} for name in RESAVES}
     for start in range(0, len(files), batch):
         images = [imageorigin.decode_image(f) for f in files[start:start + batch]]
-        for name, change in TRANSFORMS.items():
+        for name, change in RESAVES.items():
             for p in imageorigin.predict(model, [change(im) for im in images], batch_size=batch, num_workers=0):
                 row = out[name]
                 row["images"] += 1

@@ -266,6 +266,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="share of the training data held out to fit the temperature and threshold")
     p.add_argument("--target-fpr", type=float, default=d.target_fpr,
                    help="share of human images the stored AI threshold may flag (default: %(default)s)")
+    p.add_argument("--no-resave-cut", dest="resave_cut", action="store_false",
+                   help="set the threshold on the calibration humans as they are only, not also after "
+                        "each everyday re-save (JPEG, shrinking, sharpening, WebP, a crop)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice: splits, order, augmentation")
     p.add_argument("--human-class", default=d.human_class, metavar="NAME",
                    help="the class of images made by people (p_ai = 1 - p(NAME))")

@@ -68,6 +68,44 @@ def _sharpen(image: Image.Image, amount: float) -> Image.Image:
 # name -> function(decoded RGB image, parameter) -> perturbed RGB image
 PERTURBATIONS = {"jpeg": _jpeg, "downscale": _downscale, "blur": _blur, "sharpen": _sharpen}
 
+def _webp(image: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    image.save(buf, format="WEBP", quality=quality)
+    return decode_image(buf.getvalue(), name=f"<webp q{quality}>")
+
+
+def _long_side(image: Image.Image, side: int) -> Image.Image:
+    # Shrunk (never enlarged) so that the longer side is `side`, as a phone's share sheet does.
+    return _downscale(image, min(1.0, side / max(image.size)))
+
+
+def _centre_crop(image: Image.Image, share: float) -> Image.Image:
+    w, h = image.size
+    cw, ch = round(w * share), round(h * share)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return image.crop((left, top, left + cw, top + ch))
+
+
+# What happens to a photo on its way to an upload: name -> function(decoded RGB
+# image) -> the re-saved image.  Training sets its cut so that these do not flag
+# the calibration humans (train._resave_cut); benchmarks/resaved.py measures them.
+RESAVES = {
+    "original": lambda im: im,
+    "JPEG q95": lambda im: _jpeg(im, 95),
+    "JPEG q85": lambda im: _jpeg(im, 85),
+    "JPEG q70": lambda im: _jpeg(im, 70),
+    "JPEG q50": lambda im: _jpeg(im, 50),
+    "JPEG q85 then q70 (saved twice)": lambda im: _jpeg(_jpeg(im, 85), 70),
+    "JPEG q70 then q50 (saved twice)": lambda im: _jpeg(_jpeg(im, 70), 50),
+    "downscale 1/2, JPEG q80": lambda im: _jpeg(_downscale(im, 0.5), 80),
+    "downscale 1/3, JPEG q80": lambda im: _jpeg(_downscale(im, 1 / 3), 80),
+    "downscale 1/4, JPEG q80": lambda im: _jpeg(_downscale(im, 0.25), 80),
+    "long side 1080 px, JPEG q75 (a phone's share)": lambda im: _jpeg(_long_side(im, 1080), 75),
+    "sharpen 150%, JPEG q90 (a phone camera)": lambda im: _jpeg(_sharpen(im, 1.5), 90),
+    "WebP q80": lambda im: _webp(im, 80),
+    "centre crop 70%, JPEG q90": lambda im: _jpeg(_centre_crop(im, 0.7), 90),
+}
+
 # The robustness sweep, in report order: (perturbation, parameter).
 SWEEP = [
     ("jpeg", 90), ("jpeg", 70), ("jpeg", 50), ("jpeg", 30),

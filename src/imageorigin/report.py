@@ -319,6 +319,16 @@ def per_source_plot(per_source: dict, path, n_classes: int = 3) -> Path:
     return _save(fig, path)
 
 
+def _resave_words(info: dict) -> str:
+    """How the card says the threshold was set against re-saved photos, naming the re-save that set it."""
+    cuts = info.get("resave_cuts") or {}
+    if len(cuts) < 2:
+        return ""
+    top = max(cuts, key=cuts.get)
+    return (f", as they are and after each of {len(cuts) - 1} everyday re-saves (JPEG, shrinking, "
+            f"sharpening, WebP, a crop); the highest of those cuts, set by {top!r}, is the threshold")
+
+
 def _num(v, fmt: str = ".3f") -> str:
     return "n/a" if v is None else format(v, fmt)
 
@@ -579,8 +589,8 @@ def write_model_card(model, path: str | os.PathLike, evaluation: dict | None = N
     calibration = (
         f"- **Calibration**: temperature {cal['temperature']:.3f} and AI threshold "
         f"{cal['threshold'] if cal['threshold'] is None else round(cal['threshold'], 4)} (for at most "
-        f"{cal['target_fpr']:.0%} of human images flagged) fitted on a calibration split held out "
-        f"of the training data ({counts(cal['counts'])}), never on the validation data above."
+        f"{cal['target_fpr']:.0%} of human images flagged{_resave_words(info)}) fitted on a calibration "
+        f"split held out of the training data ({counts(cal['counts'])}), never on the validation data above."
         if cal else "- **Calibration**: none; the label is the arg-max class."
     )
     sources = info.get("sources") or {}

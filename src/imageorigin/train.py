@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -43,7 +44,7 @@ from .data import (
     train_transform,
 )
 from .engine import check_precision, create_engine
-from .evaluate import evaluate
+from .evaluate import RESAVES, evaluate
 from .fileio import atomic_path, write_json
 from .autoencoder import load_autoencoder
 from .model import Classifier, pooled, save
@@ -71,6 +72,8 @@ class TrainConfig:
     val_fraction: float = 0.2  # used only when no val folder is given
     calibration_fraction: float = 0.15  # of the training data, for temperature and threshold
     target_fpr: float = 0.05  # share of human images the stored threshold may flag
+    # ... as they are and after each everyday re-save (evaluate.RESAVES), not only as they are
+    resave_cut: bool = True
     seed: int = 0
     # The class whose images are made by people: p_ai = 1 - p(human_class).
     # A model with no such class gives class probabilities only.
@@ -657,7 +660,16 @@ def _calibrate(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, prog
     if model.human_index is not None and (y == model.human_index).any():
         _, p_ai = model.scores(logits)
         is_human = y.cpu().numpy() == model.human_index
-        model.threshold = choose_threshold(p_ai.numpy(), is_human, cfg.target_fpr)
+        # Every cut is set on the calibration humans as they are and after each
+        # everyday re-save (JPEG, shrinking, sharpening, WebP, a crop): a photo
+        # re-saved on its way to an upload must not cross it more often.
+        humans = {"original": p_ai.numpy()[is_human]}
+        if cfg.resave_cut:
+            humans.update(_resaved_humans(model, folder, cfg, progress))
+        cuts = {f: {name: choose_threshold(p, np.ones(len(p), bool), f) for name, p in humans.items() if len(p)}
+                for f in {cfg.target_fpr, 0.01, 0.02, 0.05, 0.1}}
+        model.threshold = max(cuts[cfg.target_fpr].values())
+        model.info["resave_cuts"] = cuts[cfg.target_fpr]  # the cut each re-save alone would need
         if not is_human.all():
             model.bands = fit_bands(p_ai.numpy(), is_human, model.threshold)
             if model.bands["widened"]:  # said on the terminal and on the card
@@ -667,8 +679,7 @@ def _calibrate(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, prog
                 model.info.setdefault("warnings", []).append(note)
                 print(f"imageorigin: warning: {note}", file=sys.stderr)
         # Other operating points, for a moderator who wants fewer false accusations.
-        model.info["thresholds_at_fpr"] = {
-            str(f): choose_threshold(p_ai.numpy(), is_human, f) for f in (0.01, 0.02, 0.05, 0.1)}
+        model.info["thresholds_at_fpr"] = {str(f): max(cuts[f].values()) for f in (0.01, 0.02, 0.05, 0.1)}
     # bf16 doubles CPU speed, but only some models give the fp32 answers in it.
     images = stack_images([image for _, x, _, _ in batches(
         ImageDataset([p for p, _ in folder.samples[:256]], model.transform),
@@ -676,6 +687,33 @@ def _calibrate(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, prog
     check = check_precision(model, images)
     model.inference_precision = check["precision"]
     model.info["precision_check"] = check
+
+
+def _resaved_humans(model: Classifier, folder: LabelledFolder, cfg: TrainConfig,
+                    progress: bool) -> dict[str, np.ndarray]:
+    """p_ai (N,) of the folder's human images after each everyday re-save
+    (:data:`imageorigin.evaluate.RESAVES`, "original" left out).  An image a
+    re-save leaves smaller than the model's crop is left out of that one: the
+    small-image caveat makes its verdict uncertain whatever it scores."""
+    humans = [p for p, y in folder.samples if y == model.human_index]
+    crop = model.preprocessing["crop"]
+    dev = next(model.parameters()).device
+    out = {}
+    model.eval()
+    for name, change in tqdm(list(RESAVES.items())[1:], desc="re-saved calibration humans",
+                             disable=not progress, leave=False):
+        def resaved(image, change=change):
+            image = change(image)
+            return None if min(image.size) < crop else model.transform(image)  # None: left out
+
+        p = []
+        with torch.no_grad():
+            for _, images, _, _ in batches(ImageDataset(humans, resaved), cfg.batch_size, cfg.num_workers):
+                if images is not None:
+                    images = [x.to(dev) for x in images] if isinstance(images, list) else images.to(dev)
+                    p.append(model.scores(model(images))[1])
+        out[name] = torch.cat(p).numpy() if p else np.zeros(0)
+    return out
 
 
 def _sources(folder: LabelledFolder, manifest) -> dict:
