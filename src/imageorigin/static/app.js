@@ -45,19 +45,19 @@ async function loadModel() {
 }
 
 function drawHeatmap(canvas, img, patches, opacity) {
-  // Each crop's p_ai as a translucent square: red for AI-like, green for human-like.
+  // Each crop's p_ai as a square: red for AI-like, green for human-like.
   canvas.width = img.naturalWidth;
   canvas.height = img.naturalHeight;
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, canvas.width, canvas.height);
-  ctx.globalAlpha = opacity;
+  // Opaque squares on a translucent canvas: where neighbouring crops overlap,
+  // the later one covers the earlier instead of doubling the tint into stripes.
+  canvas.style.opacity = opacity;
   for (const p of patches) {
     const [x, y, w, h] = p.box;
     if (p.weight === 0) {  // flat colour: scored, but no vote in the verdict
-      ctx.strokeStyle = "rgb(150, 150, 150)";
-      ctx.setLineDash([4, 4]);
-      ctx.strokeRect(x + 0.5, y + 0.5, w - 1, h - 1);
-      ctx.setLineDash([]);
+      ctx.fillStyle = "rgb(150, 150, 150)";
+      ctx.fillRect(x, y, w, h);
       continue;
     }
     const red = Math.round(255 * p.p_ai), green = Math.round(255 * (1 - p.p_ai));
@@ -89,7 +89,7 @@ function card(file, result) {
   show.addEventListener("change", redraw);
   opacity.addEventListener("input", redraw);
   c.append(fig, el("div", { class: "controls" },
-    el("label", { for: show.id }, show, " heatmap (red: crops that look AI-made; dashed grey: flat, not counted)"),
+    el("label", { for: show.id }, show, " heatmap (red: crops that look AI-made; grey: flat, not counted)"),
     el("label", { for: opacity.id }, "opacity ", opacity)));
   c.append(el("p", { class: `verdict ${result.verdict}` }, WORDS[result.verdict] || result.verdict));
   const low = model && model.bands ? model.bands.likely_human : null;
