@@ -1,7 +1,10 @@
 """How much of an image to score, and which crops may vote: a 3x3 grid against
 tiles covering the whole image, pooled plainly or without the flat tiles.
 
-    python experiments/tiling.py default --out docs/tiling/tiling.json
+    git show 44ba12e:src/imageorigin/models/default.safetensors > /tmp/grid-default.safetensors
+    python experiments/tiling.py /tmp/grid-default.safetensors --out docs/tiling/tiling.json
+
+(the default before tiling, whose threshold was set on its 3x3 grid).
 
 For each file of ``../shared/dh3-full`` (full-size originals, 512-3680 px) and
 of the native val views of dh3-bench and dh3-wide (256 px), the model's
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -32,54 +34,29 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import imageorigin
-from imageorigin.data import grid_boxes, read_manifest
+from imageorigin.data import MAX_TILES, cover_boxes, grid_boxes, read_manifest, tile_detail
 from imageorigin.images import decode_image, find_images
 
 SHARED = Path(os.environ.get("IMAGEORIGIN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
-def spread(side: int, crop: int, n: int) -> list[int]:
-    """n starts of crops of ``crop`` over ``side``, evenly, first at 0 and last at the end."""
-    if n == 1:
-        return [(side - crop) // 2]
-    return [round(i * (side - crop) / (n - 1)) for i in range(n)]
-
-
-def cover_boxes(w: int, h: int, crop: int, max_tiles: int) -> list[tuple[int, int]]:
-    nx, ny = math.ceil(w / crop), math.ceil(h / crop)
-    if nx * ny > max_tiles:
-        f = math.sqrt(max_tiles / (nx * ny))
-        nx, ny = max(1, math.floor(nx * f)), max(1, math.floor(ny * f))
-    return [(x, y) for y in spread(h, crop, ny) for x in spread(w, crop, nx)]
-
-
-def detail(luma: np.ndarray, spread_max: int) -> float:
-    """Share of 8x8 blocks of a (c, c) luma tile whose values span more than spread_max."""
-    c = luma.shape[0] // 8 * 8
-    b = luma[:c, :c].reshape(c // 8, 8, c // 8, 8)
-    return float(((b.max(axis=(1, 3)) - b.min(axis=(1, 3))) > spread_max).mean())
-
-
 def score(model, path, max_tiles: int, spread_max: int) -> dict:
     """Per-tile logits (N, C) and detail (N,) for the cover and the 3x3 grid."""
     im = decode_image(path)
-    pre = model.preprocessing
-    c = pre["crop"]
+    c = model.preprocessing["crop"]
     x = model.transform.transforms[0](im)  # ToImage: (3, H, W) uint8
     x = model.transform.transforms[1](x)   # EnlargeTo
     h, w = x.shape[-2:]
-    norm = model.transform.transforms[-2:]
-    luma = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).numpy().astype(np.int16)
+    norm = model.transform.transforms[-2:]  # to float, normalise
+    pre = dict(model.preprocessing, flat_spread=spread_max)
     out = {"size": list(im.size)}
     for name, boxes in (("grid", grid_boxes(w, h, c, 3)), ("cover", cover_boxes(w, h, c, max_tiles))):
-        tiles = torch.stack([x[:, y:y + c, xx:xx + c] for xx, y in boxes])  # (N, 3, c, c)
-        t = tiles
+        t = torch.stack([x[:, y:y + c, xx:xx + c] for xx, y in boxes])  # (N, 3, c, c)
         for f in norm:
             t = f(t)
         with torch.inference_mode():
-            logits = model.head(model.backbone(t))  # (N, C)
-        out[name] = logits
-        out[name + "_detail"] = np.array([detail(luma[y:y + c, xx:xx + c], spread_max) for xx, y in boxes])
+            out[name] = model.head(model.backbone(t))  # (N, C)
+        out[name + "_detail"] = tile_detail(t, pre).numpy()
     return out
 
 
@@ -111,8 +88,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--max-tiles", type=int, default=144)
-    ap.add_argument("--flat-spread", type=int, default=2)
+    ap.add_argument("--max-tiles", type=int, default=MAX_TILES)
+    ap.add_argument("--flat-spread", type=int, default=6)
     ap.add_argument("--val-per-set", type=int, default=400, help="val images per set and class kind (seeded)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("TILING_THREADS", "1")))
@@ -136,7 +113,6 @@ def main() -> None:
         for name, rule in RULES.items():
             logits, note = rule(r)
             row[name] = p_ai(model, logits)
-        row["tile_p_ai"] = [p_ai(model, t) for t in r["cover"]]
         rows.append(row)
         if k % 100 == 0:
             print(f"{k}/{len(files)} {time.perf_counter() - start:.0f} s", flush=True)
