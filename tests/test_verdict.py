@@ -114,6 +114,19 @@ def test_screenshots_thumbnails_and_blur_get_caveats_and_never_a_confident_verdi
     assert preds[14].caveats == [] and preds[14].verdict in BANDS
 
 
+def test_an_image_under_two_tiles_a_side_is_too_small_for_a_verdict(default):
+    """A photo halved to 128 px, or cut to 179 px, is read through a few
+    overlapping tiles: uncertain, and said why; from 192 px it gets a verdict."""
+    photo = imageorigin.decode_image(sorted((WIDE / "native/val/human").iterdir())[1])
+    halved, cut, kept = photo.resize((128, 128)), photo.crop((0, 0, 179, 179)), photo.crop((0, 0, 192, 200))
+    small, crop, enough = imageorigin.predict(default, [halved, cut, kept])
+    for p, size in ((small, "128x128"), (crop, "179x179")):
+        assert p.caveats == [f"small image: {size} px is read through fewer than two of the model's 96 px "
+                             "tiles a side, too little of it for a verdict"]
+        assert p.verdict == "uncertain" and p.is_ai is False
+    assert enough.caveats == [] and enough.verdict in BANDS
+
+
 def test_caveats_stay_quiet_on_ordinary_photos_and_renders(bench):
     files = [p for c in ("human", "dalle", "other_ai")
              for p in sorted((WIDE / "native/val" / c).iterdir())[:15]]

@@ -21,7 +21,7 @@ from .fileio import write_json
 from . import provenance
 from .model import Classifier
 from .runtime import cache_dir
-from .verdict import band, image_caveats
+from .verdict import band, image_caveats, least_side
 
 Item = Union[str, os.PathLike, Image.Image]
 
@@ -115,7 +115,8 @@ def predict(
         needs_check(model.info.get("precision_check"))
     crop = model.preprocessing["crop"]
     cut = model.threshold if threshold is None else threshold
-    dataset = ImageDataset(items, model.transform, inspect=lambda im: (im.size, image_caveats(im, crop),
+    least = least_side(model.preprocessing)
+    dataset = ImageDataset(items, model.transform, inspect=lambda im: (im.size, image_caveats(im, crop, least),
                                                                      im.info.get("warnings", [])))
     dl = batches(dataset, batch_size, threads=num_workers)
     pending: dict[int, Prediction] = {}

@@ -51,7 +51,7 @@ from .model import Classifier, pooled, save
 from .pseudofakes import licence_of, pair_accuracy, training_pairs
 from .model import load as load_model
 from .runtime import device
-from .verdict import fit_bands
+from .verdict import fit_bands, least_side
 
 Folders = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], LabelledFolder]
 
@@ -693,10 +693,10 @@ def _resaved_humans(model: Classifier, folder: LabelledFolder, cfg: TrainConfig,
                     progress: bool) -> dict[str, np.ndarray]:
     """p_ai (N,) of the folder's human images after each everyday re-save
     (:data:`imageorigin.evaluate.RESAVES`, "original" left out).  An image a
-    re-save leaves smaller than the model's crop is left out of that one: the
-    small-image caveat makes its verdict uncertain whatever it scores."""
+    re-save leaves under :func:`imageorigin.verdict.least_side` is left out of
+    that one: the small-image caveat makes its verdict uncertain whatever it scores."""
     humans = [p for p, y in folder.samples if y == model.human_index]
-    crop = model.preprocessing["crop"]
+    least = least_side(model.preprocessing)
     dev = next(model.parameters()).device
     out = {}
     model.eval()
@@ -704,7 +704,7 @@ def _resaved_humans(model: Classifier, folder: LabelledFolder, cfg: TrainConfig,
                              disable=not progress, leave=False):
         def resaved(image, change=change):
             image = change(image)
-            return None if min(image.size) < crop else model.transform(image)  # None: left out
+            return None if min(image.size) < least else model.transform(image)  # None: left out
 
         p = []
         with torch.no_grad():

@@ -103,18 +103,30 @@ def image_stats(image: Image.Image) -> dict:
     return {"flat": flat, "fine": float(near / far) if far > 0 else 1.0}
 
 
-def image_caveats(image: Image.Image, crop: int) -> list[str]:
+def least_side(pre: dict) -> int:
+    """The shorter side under which an image gets the small-image caveat: a
+    native-resolution model's two crops (under that it reads the image through
+    a few overlapping tiles, and re-saved human photos of 128-179 px crossed its
+    cut 2.7-3.7% of the time, docs/resaved), a resizing model's one crop."""
+    return 2 * pre["crop"] if pre.get("resize") is None else pre["crop"]
+
+
+def image_caveats(image: Image.Image, crop: int, least: int | None = None) -> list[str]:
     """Sentences naming why the model is unreliable on this image (empty if none).
 
     ``crop``: the model's crop side; smaller images are upscaled to score.
-    Each sentence starts with a short tag ("small image", "screenshot or flat
-    graphics", "blurred or upscaled") followed by a colon.
+    ``least`` (default ``crop``, see :func:`least_side`): smaller images are too
+    little for a verdict.  Each sentence starts with a short tag ("small
+    image", "screenshot or flat graphics", "blurred or upscaled") followed by a colon.
     """
     out = []
     w, h = image.size
     if min(w, h) < crop:
         out.append(f"small image: {w}x{h} px is smaller than the model's {crop} px crop, "
                    "so it was upscaled and the pixel traces the model reads are gone")
+    elif min(w, h) < (least or crop):
+        out.append(f"small image: {w}x{h} px is read through fewer than two of the model's {crop} px "
+                   "tiles a side, too little of it for a verdict")
     stats = image_stats(image)
     if stats["flat"] >= FLAT_SHARE:
         out.append(f"screenshot or flat graphics: {stats['flat']:.0%} of it is flat colour (a screen, "
