@@ -181,9 +181,9 @@ def _plain(ckpt: str, folder: str, out: str) -> None:
         for i in range(0, len(files), 32):
             batch = [transform(Image.open(f).convert("RGB")) for f in files[i:i + 32]]
             crops = torch.cat([x for x, _ in batch])  # every crop of the batch's images
-            out = torch.cat([net(crops[j:j + 256]) for j in range(0, len(crops), 256)])
-            out = out.split([len(x) for x, _ in batch])
-            logits = torch.stack([(o * v[:, None]).sum(0) / v.sum() for o, (_, v) in zip(out, batch)])
+            tiles = torch.cat([net(crops[j:j + 256]) for j in range(0, len(crops), 256)])
+            tiles = tiles.split([len(x) for x, _ in batch])  # each image's (K, C) logits
+            logits = torch.stack([(o * v[:, None]).sum(0) / v.sum() for o, (_, v) in zip(tiles, batch)])
             probs.append(torch.softmax(logits / meta["temperature"], 1))
     seconds = time.perf_counter() - start
     Path(out).write_text(json.dumps({"seconds": seconds, "images": len(files), "engine": "eager fp32",
