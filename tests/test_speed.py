@@ -81,8 +81,7 @@ def cpu(request, monkeypatch):
     return engine_module.host_bf16()
 
 
-NO_BF16 = {"precision": "fp32", "images": 0, "same_label": None, "max_prob_diff": None,
-           "host_bf16": False, "outcome": "fp32: this CPU has no bf16"}
+NO_BF16 = {"outcome": "this CPU has no bf16"}
 
 
 def test_asking_for_bf16_where_it_cannot_run_gives_an_engine_that_says_fp32(default, val_images, cpu):
@@ -95,32 +94,65 @@ def test_asking_for_bf16_where_it_cannot_run_gives_an_engine_that_says_fp32(defa
         assert torch.equal(run(x), ref(x))
 
 
-def test_default_model_is_kept_in_fp32_because_bf16_changes_its_answers(default, val_images, cpu):
-    # bf16 rounds away the pixel-level traces the fine-tuned model reads
+def test_default_model_is_kept_in_fp32_because_int8_and_bf16_change_its_answers(default, val_images, cpu):
+    # int8 and bf16 round away the pixel-level traces the fine-tuned model reads
     x = torch.stack([default.transform(decode_image(f)) for f in val_images])
     check = check_precision(default, x)
-    assert check["precision"] == "fp32"
+    assert check["precision"] == "fp32" and check["images"] == len(val_images)
+    assert check["int8"]["passed"] is False and check["int8"]["max_prob_diff"] > 0.01
+    assert check["int8"]["same_label"] < 0.995 and check["int8"]["quantise_seconds"] >= 0
+    assert check["outcome"].startswith("fp32: int8 changed the answers (same label on ")
     if cpu:
-        assert check["max_prob_diff"] > 0.01 and check["images"] == len(val_images)
-        assert check["outcome"].startswith("fp32: bf16 changed the answers (same label on ")
+        assert check["bf16"]["passed"] is False and check["bf16"]["max_prob_diff"] > 0.01
+        assert "; bf16 changed the answers (same label on " in check["outcome"]
     else:  # nothing to compare, and it says so rather than comparing fp32 with fp32
-        assert check == NO_BF16
+        assert check["bf16"] == NO_BF16 and check["outcome"].endswith("; bf16 not tried: this CPU has no bf16")
     assert default.inference_precision == "fp32"
     assert str(cached_engine(default, "auto", default.inference_precision,
                              default.preprocessing["crop"])) == "openvino fp32"
+    # the shipped checkpoint stores this outcome, so predict never quantises it on a user's batch
+    stored = imageorigin.load("default").info["precision_check"]
+    assert stored["precision"] == "fp32" and stored["int8"]["passed"] is False
 
 
-def test_a_model_that_is_insensitive_to_bf16_is_allowed_it_where_bf16_runs(val_images, cpu):
+def test_a_model_that_is_insensitive_to_reduced_precision_runs_in_int8(val_images, cpu):
     model = imageorigin.Classifier(build_backbone("mobilenet_v2"), ["dalle", "human", "other_ai"])
     torch.nn.init.zeros_(model.head.weight)  # every image scores the bias alone, in any precision
-    x = torch.stack([model.transform(decode_image(f)) for f in val_images[:8]])
+    x = torch.stack([model.transform(decode_image(f)) for f in val_images[:16]])
     check = check_precision(model.eval(), x)
-    if cpu:
-        assert check == {"precision": "bf16", "images": 8, "same_label": 1.0, "max_prob_diff": 0.0,
-                         "host_bf16": True,
-                         "outcome": "bf16: same label on 100.0% of 8 images, probabilities within 0.0000 of fp32"}
-    else:
-        assert check == NO_BF16
+    same = {"same_label": 1.0, "same_band": 1.0, "max_prob_diff": 0.0, "passed": True}
+    assert check["precision"] == "int8" and check["images"] == 16
+    assert {k: check["int8"][k] for k in same} == same
+    assert check["bf16"] == (same if cpu else NO_BF16)
+    assert check["outcome"].startswith("int8: same label on 100.0% of 16 images, same verdict on 100.0%, "
+                                       "probabilities within 0.0000 of fp32; bf16 ")
+    # quantised once, on those images, and kept: the engine now runs int8 without them
+    run = cached_engine(model, "auto", "int8", model.preprocessing["crop"])
+    assert str(run) == "openvino int8"
+    assert run(x).shape == (16, 3)
+
+
+def test_int8_quantises_on_the_first_batch_when_forced_and_is_cached_by_digest(default, val_images, tmp_path,
+                                                                                monkeypatch, capsys):
+    from imageorigin.cli import main
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("IMAGEORIGIN_CACHE", str(cache))  # a machine that never ran this model
+    engine_module._ENGINES.clear()
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--precision", "int8", *map(str, val_images[:8]), "--format", "csv",
+                 "--out", str(out)]) == 0
+    # quantised by NNCF on these images' tiles, beside the converted fp32 model, named by its digest
+    [fp32_ir] = [p for p in (cache / "openvino").glob("*.xml") if "-int8-" not in p.name]
+    [int8_ir] = (cache / "openvino").glob("*-int8-*.xml")
+    assert int8_ir.name.startswith(fp32_ir.stem) and int8_ir.with_suffix(".bin").stat().st_size > 0
+    assert "ran on" not in capsys.readouterr().err  # forced, not checked: nothing to report
+    assert len(out.read_text().splitlines()) == 1 + 8
+    before = int8_ir.stat().st_mtime_ns
+    engine_module._ENGINES.clear()  # a later run: the cached int8 engine, no calibration
+    run = cached_engine(default, "auto", "int8", default.preprocessing["crop"])
+    assert str(run) == "openvino int8" and int8_ir.stat().st_mtime_ns == before
+    engine_module._ENGINES.clear()
 
 
 def test_a_jpeg_and_a_lossless_png_of_its_pixels_get_the_same_answer_from_a_resizing_model(raw, tmp_path):
@@ -173,7 +205,9 @@ def test_onnx_export_matches_pytorch_in_onnx_runtime(default, val_images, tmp_pa
 def test_an_exported_model_checked_where_bf16_could_not_run_is_checked_again_where_it_can(
         default, val_images, tmp_path, monkeypatch, capsys):
     # trained on a CPU without bf16, exported, used on one that has it (said to have it here)
-    stored, default.info["precision_check"] = default.info["precision_check"], dict(NO_BF16)
+    no_bf16 = {"precision": "fp32", "images": 48, "int8": {"same_label": 0.4, "same_band": 0.4,
+               "max_prob_diff": 0.99, "passed": False}, "bf16": NO_BF16, "host_bf16": False}
+    stored, default.info["precision_check"] = default.info["precision_check"], no_bf16
     try:
         path = imageorigin.export_onnx(default, tmp_path / "model.onnx")
     finally:
@@ -184,9 +218,10 @@ def test_an_exported_model_checked_where_bf16_could_not_run_is_checked_again_whe
     assert main(["predict", "--model", str(path), *map(str, val_images[:20]), "--format", "csv",
                  "--out", str(tmp_path / "p.csv")]) == 0
     err = capsys.readouterr().err
-    # checked on the first batch; where the CPU really has no bf16 the engine says so
-    assert "checked on the first 20 images given to predict" in err or \
-        "precision fp32: the engine compiled for bf16 runs fp32 here" in err
+    # checked on the first batch; int8 is not tried on an exported file, and where the
+    # CPU really has no bf16 the engine says so
+    assert "checked on the first 20 images given to predict" in err
+    assert "int8 not tried: an exported ONNX model runs as exported" in err
 
 
 def test_export_refuses_an_unknown_format(tmp_path, capsys):

@@ -240,8 +240,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="inference engine (default: OpenVINO on a CPU, PyTorch on a GPU)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="fp32 forces full precision; bf16 is faster but only safe for models "
-                        "checked for it (default: the precision stored in the model)")
+                   help="force one: fp32 is full precision; int8 (any CPU, OpenVINO) and bf16 (CPUs "
+                        "with bf16) are faster but only safe for models checked for them (default: the "
+                        "precision the model's check chose, checked on the first batch if it has none)")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -420,7 +421,9 @@ def _predict(args) -> int:
         report.prediction_gallery(shown, args.gallery)
     check = model.info.get("precision_check") or {}
     if "checked_on" in check and not args.quiet:  # a model that had no stored check: say what was chosen
-        print(f"imageorigin: precision {check_outcome(check)} (checked on {check['checked_on']}); "
+        cost = check.get("int8", {}).get("quantise_seconds")
+        cost = f"; int8 calibration took {cost:.1f} s, once: its engine is cached" if cost else ""
+        print(f"imageorigin: precision {check_outcome(check)} (checked on {check['checked_on']}{cost}); "
               f"ran on {current_engine(model, args.engine, args.precision)}", file=sys.stderr)
     if (args.format != "table" or args.out) and not args.quiet:
         print(f"imageorigin: {summary}" + (f"\nimageorigin: {said}" if said else ""), file=sys.stderr)

@@ -109,10 +109,12 @@ def predict(
     names = [f"<image {i}>" if isinstance(x, Image.Image) else str(x) for i, x in enumerate(items)]
     run = current_engine(model, engine, precision)
     # A model that never had its precision checked on a machine like this one (a
-    # seed .pth) is checked on the first batch of these images; it keeps the
-    # outcome (see _check_on).
-    unchecked = precision is None and model.inference_precision == "fp32" and \
-        needs_check(model.info.get("precision_check"))
+    # seed .pth), or whose checked int8 engine is not quantised here yet, is
+    # checked on the first batch of these images; it keeps the outcome (see
+    # _check_on).  A forced int8 is quantised on that batch, unchecked.
+    unchecked = precision is None and (needs_check(model.info.get("precision_check")) or
+                                       (model.inference_precision == "int8" and _waiting(run)))
+    quantise = precision == "int8" and _waiting(run)
     crop = model.preprocessing["crop"]
     cut = model.threshold if threshold is None else threshold
     least = least_side(model.preprocessing)
@@ -128,6 +130,8 @@ def predict(
             if images is not None:
                 if unchecked:
                     run, unchecked = _check_on(model, images, engine), False
+                elif quantise:
+                    run, quantise = cached_engine(model, engine, "int8", crop, calibration=images), False
                 # (B, C) pooled logits; per image its crops' (N_i, C) logits and (N_i,) votes
                 logits, crops = model.image_logits(run, images)
                 probs, ai = model.scores(logits)  # (B, C), (B,) or None
@@ -161,32 +165,48 @@ CHECK_MIN_IMAGES = 16
 
 def current_engine(model: Classifier, engine: str = "auto", precision: str | None = None) -> Engine:
     """The engine ``predict`` runs ``model`` on now (``precision`` None: the model's
-    own, as checked, or as an earlier ``predict`` here checked it); ``str()`` of
+    own, as checked, or as an earlier ``predict`` here checked it again); ``str()`` of
     it says which engine and the precision its compiled graph really runs in,
-    e.g. "openvino fp32"."""
-    if precision is None and needs_check(model.info.get("precision_check")):
+    e.g. "openvino fp32".  Where int8 is wanted but not quantised on this
+    machine yet, the fp32 engine (predict quantises int8 on its first batch)."""
+    if precision is None:
+        # A check made here by an earlier predict is newer than the stored one
+        # (which may say int8, and int8 failed on this machine's first batch).
         remembered = _remembered(model)
         check = json.loads(remembered.read_text()) if remembered.is_file() else None
         if not needs_check(check):
             model.inference_precision = check["precision"]
             model.info["precision_check"] = check
-    return cached_engine(model, engine, precision or model.inference_precision, model.preprocessing["crop"])
+    crop = model.preprocessing["crop"]
+    try:
+        return cached_engine(model, engine, precision or model.inference_precision, crop)
+    except engines.NotQuantised:
+        return cached_engine(model, engine, "fp32", crop)
+
+
+def _waiting(run: Engine) -> bool:
+    """Whether ``run`` is the fp32 stand-in for an int8 engine not quantised yet."""
+    return run.name == "openvino" and run.precision != "int8"
 
 
 def precision_reason(model: Classifier, run: Engine) -> str:
     """Why ``run`` (the model's engine here) computes in the precision it does, in
-    words: its precision check's outcome (e.g. "fp32: this CPU has no bf16"),
-    and where the model asks for bf16 but this CPU has none, that fp32 runs."""
+    words: its precision check's outcome (e.g. "fp32: int8 changed the answers
+    (...); bf16 not tried: this CPU has no bf16"), and where the model asks for
+    a precision that is not running here, what runs instead."""
     check = model.info.get("precision_check")
     if not needs_check(check):
         why = check_outcome(check)
-    elif not engines.host_bf16():  # looked up here, so tests can take bf16 away
-        why = "fp32: this CPU has no bf16"
     else:
-        why = ("not checked on this machine yet (checked where bf16 could not run)" if check else
-               "not checked yet") + ": predict checks bf16 on the first batch of images it is given"
-    if model.inference_precision == "bf16" and run.precision != "bf16":
+        why = ("not checked on this machine yet (checked where bf16 could not run)"
+               if check and check.get("host_bf16") is False and "int8" in check else
+               "checked before int8 was tried" if check else "not checked yet")
+        why += ": predict checks int8 and bf16 on the first batch of images it is given"
+    wanted = model.inference_precision
+    if wanted == "bf16" and run.precision != "bf16":
         why += "; this CPU has no bf16, so fp32 runs"
+    elif wanted == "int8" and run.precision != "int8":
+        why += "; int8 is not quantised on this machine yet: predict does it on its first batch"
     return why
 
 
@@ -198,22 +218,20 @@ def _remembered(model: Classifier) -> Path:
 
 
 def _check_on(model: Classifier, images, engine: str):
-    """The engine for a model with no precision check that holds here: bf16 when,
-    on this first batch of the user's own images (B, ...), it gives the fp32
-    labels and probabilities within the check's margins
-    (:func:`imageorigin.engine.check_precision`), else fp32; on a machine
-    without bf16, fp32 with that said.  The outcome is remembered
-    (:func:`_remembered`), and kept in ``model.inference_precision`` and
-    ``model.info["precision_check"]`` (``checked_on`` says on what, ``outcome``
-    in words), so the rest of this run and later calls use it, and callers can
-    say which it was."""
+    """The engine for a model with no precision check that holds here: int8 or
+    bf16 when, on this first batch of the user's own images (B, ...), it gives
+    the fp32 labels, verdicts and probabilities within the check's margins
+    (:func:`imageorigin.engine.check_precision`; int8 is calibrated on these
+    images), else fp32.  The outcome is remembered (:func:`_remembered`), and
+    kept in ``model.inference_precision`` and ``model.info["precision_check"]``
+    (``checked_on`` says on what, ``outcome`` in words), so the rest of this run
+    and later calls use it, and callers can say which it was."""
     crop = model.preprocessing["crop"]
-    if len(images) < CHECK_MIN_IMAGES and engines.host_bf16():
+    if len(images) < CHECK_MIN_IMAGES:
         # Too few to judge (and too few for speed to matter): fp32 now, checked on a larger call.
         return cached_engine(model, engine, "fp32", crop)
     check = check_precision(model, images, engine)
-    check["checked_on"] = f"the first {len(images)} images given to predict" if check["images"] \
-        else "this machine: nothing to compare"
+    check["checked_on"] = f"the first {len(images)} images given to predict"
     remembered = _remembered(model)
     remembered.parent.mkdir(parents=True, exist_ok=True)
     write_json(remembered, check)
