@@ -1,26 +1,30 @@
-"""Speed benchmark: every row of the speed issue's table, side by side in one run.
+"""Speed benchmark: every row of the speed issues' tables, side by side in one run.
 
-    python benchmarks/speed.py [--out result.json] [--skip-training]
+    python benchmarks/speed.py [--out result.json] [--skip-training] [--skip-memory]
 
 Prints one JSON object.  Each figure is a ratio against a baseline measured in
 the same run, because these machines are noisy:
 
-- inference: ``imageorigin.predict`` on a folder of 256 bench images (native/val,
-  seeded sample) against a plain loop (PIL open, torchvision transforms, eager
-  fp32 forward, batch 32) in its own process that imports only torch,
-  torchvision, safetensors and Pillow.  Each side runs in a fresh process,
-  twice, alternating; the faster of the two counts.  The clock covers decoding,
+- inference: ``imageorigin.predict`` against a plain loop (PIL open,
+  torchvision transforms, eager fp32 forward, batch 32) in its own process that
+  imports only torch, torchvision, safetensors and Pillow, on two folders:
+  256 bench images (native/val, seeded sample; 256 px) and the 82 full-size
+  originals of ``../shared/dh3-full`` (512-3680 px).  For each model
+  (the seed's ``.pth`` layout, DenseNet121 with random weights since its
+  ImageNet weights cannot be downloaded here; and the shipped default),
+  predict runs in each precision this host has: fp32, int8 and, where the CPU
+  has it, bf16, forced with ``precision=``, and as predict chooses by itself
+  (``chosen``: the precision check's pick, for the seed file made on the
+  first batch of these images).  Each side runs in a fresh process, twice,
+  alternating; the faster of the two counts.  The clock covers decoding,
   preprocessing and the forward pass over the folder (the model is loaded
-  first, on both sides; imageorigin's converted-model cache is warm, and the
-  first, cold call is reported apart).  Rows: DenseNet121 (random weights: its
-  ImageNet weights cannot be downloaded here) and the shipped default model.
-- agreement: the fast path's calibrated probabilities against the plain loop's.
+  first, on both sides; imageorigin's converted and quantised models are in
+  its cache: the first, cold call, which converts and checks, is reported apart).
+- agreement: each precision's calibrated probabilities against the plain loop's.
 - training: ``imageorigin train`` with the seed's defaults on resized/train,
   frozen MobileNetV2 (DenseNet121's weights are unreachable), ``--no-cache``
   (the straightforward loop) against the feature cache (1 view, the default),
   cold and warm, and with 2 views, cold.
-- large images: the same comparison on 64 images of 1024-1536 px (the raw
-  samples of that size, and bench crops enlarged for timing only).
 - memory: peak RSS of ``imageorigin predict`` over 1,000 and 10,000 images.
 """
 
@@ -53,73 +57,86 @@ def main() -> None:
         tmp = Path(tmp)
         # A cache of this run only: the cold figures are really cold.
         os.environ["IMAGEORIGIN_CACHE"] = str(tmp / "cache")
-        folder = _folder(tmp / "images", sorted((BENCH / "native/val").rglob("*.jpg")), 256)
+        import imageorigin
+        from imageorigin.images import find_images
+
+        folders = {"256px": _folder(tmp / "images", sorted((BENCH / "native/val").rglob("*.jpg")), 256),
+                   "full_size": _folder(tmp / "full", sorted(find_images([SHARED / "dh3-full"])), 82)}
         result = {"machine": _machine()}
         dense = _densenet_checkpoint(tmp / "densenet121.safetensors")
         # The same network in the seed's .pth layout: no stored precision check,
-        # so predict checks it on the first batch of these images.
-        import imageorigin
-
+        # so predict checks it on the first batch of the images it is given.
         seed = imageorigin.export_seed(imageorigin.load(dense), tmp / "densenet_finetuned_dense.pth")
-        result["seed_pth"] = _inference(str(seed), folder, tmp, plain_ckpt=dense)
-        for name, ckpt in (("densenet121", dense), ("default", "default")):
-            row = _inference(ckpt, folder, tmp)
-            if name == "densenet121":
-                result.update(inference_speedup=row["speedup"],
-                              inference_images_per_s=row["images_per_s"],
-                              agreement=row["agreement"], densenet121=row)
-            else:
-                result["default_model"] = row
-        # Large originals: raw 1024 px files and bench crops enlarged to 1024-1536 px
-        # (for timing only: their pixels are no real generator's).
-        result["default_model_large"] = _inference("default", _large_folder(tmp / "large"), tmp)
+        for size, folder in folders.items():
+            result[f"seed_pth_{size}"] = _inference(str(seed), folder, tmp, plain_ckpt=dense)
+            _write(result, args.out)  # each row as it comes: a long run keeps what it measured
+            result[f"default_{size}"] = _inference("default", folder, tmp)
+            _write(result, args.out)
         if not args.skip_memory:
             result.update(_memory(tmp))
         if not args.skip_training:
             result.update(_training(tmp))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print(json.dumps(result, indent=2))
+    _write(result, args.out)
+
+
+def _write(result: dict, out: str | None) -> None:
+    if out:
+        from imageorigin.fileio import write_json
+
+        write_json(out, result)
 
 
 # ---------------------------------------------------------------- inference
 
 
 def _inference(ckpt: str, folder: Path, tmp: Path, plain_ckpt: str | None = None) -> dict:
-    """``plain_ckpt``: the same network as ``ckpt`` in our format, for the plain loop
+    """The plain loop against predict in every precision this host has.
+    ``plain_ckpt``: the same network as ``ckpt`` in our format, for the plain loop
     (which reads the preprocessing from its metadata)."""
-    plain, fast = [], []
-    shutil.rmtree(tmp / "cache" / "openvino", ignore_errors=True)  # cold: converts the model
-    cold = _child("fast", ckpt, folder, tmp / "cold.json")
-    for r in range(ROUNDS):
-        plain.append(_child("plain", plain_ckpt or ckpt, folder, tmp / f"plain{r}.json"))
-        fast.append(_child("fast", ckpt, folder, tmp / f"fast{r}.json"))
-    best_plain = min(plain, key=lambda r: r["seconds"])
-    best_fast = min(fast, key=lambda r: r["seconds"])
-    n = best_fast["images"]
     import numpy as np
 
-    ref, got = np.array(best_plain["probs"]), np.array(best_fast["probs"])
+    from imageorigin.engine import host_bf16
+
+    precisions = ["fp32", "int8"] + (["bf16"] if host_bf16() else [])
+    shutil.rmtree(tmp / "cache", ignore_errors=True)  # cold: converts and checks the model
+    cold = _child("fast", ckpt, folder, tmp / "cold.json")
+    # Each forced precision once, untimed: a model that chose fp32 quantises int8 here.
+    warm = {p: _child("fast", ckpt, folder, tmp / f"warm-{p}.json", p) for p in precisions}
+    plain, fast = [], {p: [] for p in precisions}
+    for r in range(ROUNDS):
+        plain.append(_child("plain", plain_ckpt or ckpt, folder, tmp / f"plain{r}.json"))
+        for p in precisions:
+            fast[p].append(_child("fast", ckpt, folder, tmp / f"fast-{p}{r}.json", p))
+    best_plain = min(plain, key=lambda r: r["seconds"])
+    n = best_plain["images"]
+    ref = np.array(best_plain["probs"])
+    rows = {}
+    for p in precisions:
+        best = min(fast[p], key=lambda r: r["seconds"])
+        got = np.array(best["probs"])
+        rows[p] = {"speedup": round(best_plain["seconds"] / best["seconds"], 2),
+                   "images_per_s": round(n / best["seconds"], 1), "engine": best["engine"],
+                   "agreement": {"same_label": round(float((ref.argmax(1) == got.argmax(1)).mean()), 4),
+                                 "max_prob_diff": float(f"{np.abs(ref - got).max():.2g}"), "images": n},
+                   "seconds": [r["seconds"] for r in fast[p]], "cold_seconds": warm[p]["seconds"]}
+    chosen = cold["precision"]
     return {
-        "speedup": round(best_plain["seconds"] / best_fast["seconds"], 2),
-        "images_per_s": round(n / best_fast["seconds"], 1),
+        "chosen": chosen, "why": cold["why"],
+        "speedup": rows[chosen]["speedup"], "images_per_s": rows[chosen]["images_per_s"],
         "baseline_images_per_s": round(n / best_plain["seconds"], 1),
         "cold_images_per_s": round(n / cold["seconds"], 1),
-        "engine": best_fast["engine"],
-        "agreement": {"same_label": round(float((ref.argmax(1) == got.argmax(1)).mean()), 4),
-                      "max_prob_diff": float(f"{np.abs(ref - got).max():.2g}"), "images": n},
-        "seconds": {"plain": [r["seconds"] for r in plain], "fast": [r["seconds"] for r in fast],
-                    "fast_cold": cold["seconds"]},
+        "precisions": rows, "plain_seconds": [r["seconds"] for r in plain], "cold_seconds": cold["seconds"],
     }
 
 
-def _child(kind: str, ckpt: str, folder: Path, out: Path) -> dict:
-    subprocess.run([sys.executable, __file__, f"_{kind}", str(ckpt), str(folder), str(out)], check=True)
+def _child(kind: str, ckpt: str, folder: Path, out: Path, precision: str = "chosen") -> dict:
+    subprocess.run([sys.executable, __file__, f"_{kind}", str(ckpt), str(folder), str(out), precision],
+                   check=True)
     return json.loads(out.read_text())
 
 
-def _plain(ckpt: str, folder: str, out: str) -> None:
+def _plain(ckpt: str, folder: str, out: str, _precision: str) -> None:
     """The baseline a user writes: PIL, torchvision transforms, eager fp32, batch 32
     (at most 256 crops a forward pass)."""
     import numpy as np
@@ -190,25 +207,23 @@ def _plain(ckpt: str, folder: str, out: str) -> None:
                                      "probs": torch.cat(probs).tolist()}))
 
 
-def _fast(ckpt: str, folder: str, out: str) -> None:
-    """imageorigin's one inference function, as `imageorigin predict` calls it."""
+def _fast(ckpt: str, folder: str, out: str, precision: str) -> None:
+    """imageorigin's one inference function, as `imageorigin predict` calls it
+    (``precision`` "chosen": as predict chooses by itself)."""
     import imageorigin
-    from imageorigin.engine import check_outcome
-    from imageorigin.predict import current_engine
+    from imageorigin.predict import current_engine, precision_reason
 
     model = imageorigin.load(ckpt)
     files = sorted(Path(folder).iterdir())
+    forced = None if precision == "chosen" else precision
     start = time.perf_counter()
-    preds = list(imageorigin.predict(model, files))
+    preds = list(imageorigin.predict(model, files, precision=forced))
     seconds = time.perf_counter() - start
-    engine = current_engine(model)  # read back from the compiled engine after predict's check
-    assert all(p.error is None for p in preds)
-    check = model.info.get("precision_check") or {}
-    if "checked_on" in check:
-        engine = f"{engine} ({check_outcome(check)}; checked on {check['checked_on']})"
+    engine = current_engine(model, precision=forced)  # read back after predict's check
+    assert all(p.error is None for p in preds), [p.error for p in preds if p.error]
     Path(out).write_text(json.dumps({
-        "seconds": seconds, "images": len(files), "engine": str(engine),
-        "probs": [[p.probs[l] for l in model.labels] for p in preds]}))
+        "seconds": seconds, "images": len(files), "engine": str(engine), "precision": engine.precision,
+        "why": precision_reason(model, engine), "probs": [[p.probs[l] for l in model.labels] for p in preds]}))
 
 
 def _densenet_checkpoint(path: Path) -> str:
@@ -254,23 +269,6 @@ def _memory(tmp: Path) -> dict:
         out[f"predict_{n}_seconds"] = round(time.perf_counter() - start, 1)
     out["peak_rss_mb"] = out["peak_rss_mb_10000"]
     return out
-
-
-def _large_folder(root: Path, n: int = 64) -> Path:
-    """``n`` images of 1024-1536 px: the raw samples of that size, then bench crops
-    enlarged (Lanczos) to 1024x1024 or 1536x1024 and saved as JPEG q95."""
-    from PIL import Image
-
-    root.mkdir(parents=True)
-    raw = [f for f in sorted((SHARED / "raw-samples").rglob("*")) if f.suffix in (".png", ".jpg")]
-    big = [f for f in raw if min(Image.open(f).size) >= 1024]
-    for f in big:
-        (root / f.name).symlink_to(f)
-    crops = random.Random(0).sample(sorted((BENCH / "native/val").rglob("*.jpg")), n - len(big))
-    for i, f in enumerate(crops):
-        size = (1024, 1024) if i % 2 else (1536, 1024)
-        Image.open(f).convert("RGB").resize(size, Image.LANCZOS).save(root / f"big{i:03d}.jpg", quality=95)
-    return root
 
 
 def _folder(root: Path, pool: list[Path], n: int) -> Path:
@@ -330,7 +328,7 @@ def _machine() -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] in ("_plain", "_fast"):
+    if len(sys.argv) == 6 and sys.argv[1] in ("_plain", "_fast"):
         {"_plain": _plain, "_fast": _fast}[sys.argv[1]](*sys.argv[2:])
     else:
         main()

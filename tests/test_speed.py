@@ -124,12 +124,40 @@ def test_a_model_that_is_insensitive_to_reduced_precision_runs_in_int8(val_image
     assert check["precision"] == "int8" and check["images"] == 16
     assert {k: check["int8"][k] for k in same} == same
     assert check["bf16"] == (same if cpu else NO_BF16)
-    assert check["outcome"].startswith("int8: same label on 100.0% of 16 images, same verdict on 100.0%, "
+    # calibrated on every other image, compared on the 8 others
+    assert check["int8"]["images"] == 8
+    assert check["outcome"].startswith("int8: same label on 100.0% of 8 images, same verdict on 100.0%, "
                                        "probabilities within 0.0000 of fp32; bf16 ")
     # quantised once, on those images, and kept: the engine now runs int8 without them
     run = cached_engine(model, "auto", "int8", model.preprocessing["crop"])
     assert str(run) == "openvino int8"
     assert run(x).shape == (16, 3)
+
+
+def test_a_checkpoint_that_chose_int8_elsewhere_is_quantised_and_checked_again_on_its_first_batch(
+        val_images, tmp_path, monkeypatch, capsys):
+    from imageorigin.cli import main
+
+    model = imageorigin.Classifier(build_backbone("mobilenet_v2"), ["dalle", "human", "other_ai"]).eval()
+    torch.nn.init.zeros_(model.head.weight)  # insensitive to precision: int8 passes its check
+    x = torch.stack([model.transform(decode_image(f)) for f in val_images[:16]])
+    model.info["precision_check"] = check_precision(model, x)
+    model.inference_precision = model.info["precision_check"]["precision"]
+    assert model.inference_precision == "int8"
+    path = imageorigin.save(model, tmp_path / "int8.safetensors")
+    monkeypatch.setenv("IMAGEORIGIN_CACHE", str(tmp_path / "cache"))  # another machine: nothing cached
+    engine_module._ENGINES.clear()
+    assert main(["info", str(path)]) == 0
+    assert "int8 is not quantised on this machine yet: predict does it on its first batch" in capsys.readouterr().out
+    assert main(["predict", "--model", str(path), *map(str, val_images[:20]), "--format", "csv",
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    err = capsys.readouterr().err
+    assert "precision int8: same label on 100.0% of 10 images" in err  # the 10 it was not calibrated on
+    assert "(checked on the first 20 images given to predict; int8 calibration took " in err
+    assert "once: its engine is cached); ran on openvino int8" in err
+    assert main(["info", str(path)]) == 0  # now from the cache: it runs int8 here
+    assert "runs in    openvino int8 on this machine" in capsys.readouterr().out
+    engine_module._ENGINES.clear()
 
 
 def test_int8_quantises_on_the_first_batch_when_forced_and_is_cached_by_digest(default, val_images, tmp_path,

@@ -36,7 +36,7 @@ frozen ImageNet backbone with a linear head is unaffected.  So bf16 is used
 only for a model whose checkpoint says it was checked (:func:`check_precision`,
 run by training on held-out images); everything else runs in fp32.  int8 is
 held to the same check, and the default model fails it by more (int8 changes
-its label on half of the tiles' images).
+the label of 63% of its calibration images).
 """
 
 from __future__ import annotations
@@ -361,16 +361,19 @@ def check_precision(model, images, engine: str = "auto", batch_size: int = 32) -
     """Whether ``model`` (a Classifier) gives its fp32 answers in int8 and in bf16 on ``images``.
 
     ``images`` is (N, 3, H, W) or crops (N, K, 3, H, W), or a list of N (K_i, 3, H, W),
-    already preprocessed.  int8 is quantised on these images (:func:`create_engine`;
+    already preprocessed.  int8 is quantised on every other one of these images (:func:`create_engine`;
     OpenVINO only) and bf16 compiled where the CPU has it; each is compared with
     fp32 by :func:`agreement` and passes if at least 99.5% of labels and of
     verdict bands are the same and no calibrated probability moves by more than
     0.01.  The fastest that passes is chosen: int8, then bf16, else fp32.
 
+    int8 is calibrated on every other image and compared on the rest.
+
     Returns ``{"precision": chosen, "images": N, "int8": figures, "bf16": figures,
     "host_bf16": bool, "outcome": words}``; each figures dict has
     ``same_label``, ``same_band``, ``max_prob_diff`` and ``passed`` (int8 also
-    ``quantise_seconds``, what its calibration cost), or only ``outcome``
+    ``images`` it was compared on and ``quantise_seconds``, what its
+    calibration cost), or only ``outcome``
     saying why it was not tried (e.g. "this CPU has no bf16").  ``host_bf16`` is
     stored as this machine answers it, so that :func:`needs_check` asks again
     only on another machine.
@@ -385,11 +388,15 @@ def check_precision(model, images, engine: str = "auto", batch_size: int = 32) -
     elif fp32.name != "openvino":
         tried["int8"] = {"outcome": "int8 runs on the OpenVINO CPU engine only"}
     else:
+        # Calibrated on every other image, compared on the others: answers on
+        # images it was fitted to flatter it (NNCF's accuracy control, fitted
+        # to 32 images, kept them within 0.008 and moved others by 0.017).
         start = time.perf_counter()
-        low = cached_engine(model, engine, "int8", size, calibration=images)
+        low = cached_engine(model, engine, "int8", size, calibration=images[::2])
         seconds = round(time.perf_counter() - start, 1)
-        tried["int8"] = {**agreement(model, ref, _probs(model, low, images, batch_size)),
-                         "quantise_seconds": seconds}
+        held_out = images[1::2]
+        tried["int8"] = {**agreement(model, ref[1::2], _probs(model, low, held_out, batch_size)),
+                         "images": len(held_out), "quantise_seconds": seconds}
     low = cached_engine(model, engine, "bf16", size)
     if low.precision == "bf16":
         tried["bf16"] = agreement(model, ref, _probs(model, low, images, batch_size))
@@ -444,7 +451,7 @@ def check_outcome(check: dict) -> str:
         t = check[name]
         if "passed" not in t:
             return f"{name} not tried: {t['outcome']}"
-        figures = f"same label on {t['same_label']:.1%} of {n} images"
+        figures = f"same label on {t['same_label']:.1%} of {t.get('images', n)} images"
         if "same_band" in t:
             figures += f", same verdict on {t['same_band']:.1%}"
         if t["passed"]:
