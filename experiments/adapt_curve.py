@@ -1,6 +1,11 @@
 """Adapting to a new generator: AUC on a held-out source with 0, 10 and 50 of its images added.
 
-    python benchmarks/adapt_curve.py runs/kfold --source SOURCE [--source ...] --out docs/adapt
+    python experiments/adapt_curve.py runs/kfold --source SOURCE [--source ...] --out docs/adapt
+
+Committed result: ``python experiments/adapt_curve.py runs/kfold-ft96
+--source jamez-bondos_awesome-gpt4o-images/cases
+--source andygock_FLUX-Style-CheatSheet/img_flux_tiles
+--source csjunxu_PolyU-Real-World-Noisy-Images/cropped_real --out docs/adapt``.
 
 Reads a grouped k-fold run of ``imageorigin crossval`` (its fold models and
 ``test_scores.csv``).  For each named source, held out in some fold: the fold's

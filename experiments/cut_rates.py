@@ -1,6 +1,10 @@
 """How a k-fold run's models do at each stored operating point, on their held-out sources.
 
-    python benchmarks/cut_rates.py runs/kfold [--out FILE.json]
+    python experiments/cut_rates.py runs/kfold [--out FILE.json]
+
+Committed results: ``docs/crossval/cut-rates-*.json``, each from
+``python experiments/cut_rates.py RUN --out docs/crossval/cut-rates-NAME.json`` on
+the k-fold run its name says (``RUN`` as the README's research log gives it).
 
 Each fold model stores the p_ai cuts that flag 1%, 2%, 5% and 10% of its own
 calibration humans (``info.thresholds_at_fpr``). Applied to the fold's held-out

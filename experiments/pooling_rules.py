@@ -1,6 +1,9 @@
 """Pooling rules for a multi-crop model, compared on a grouped k-fold run's held-out sources.
 
-    python benchmarks/pooling_rules.py runs/kfold [--out docs/crossval/pooling.json]
+    python experiments/pooling_rules.py runs/kfold [--out docs/crossval/pooling.json]
+
+Committed result: ``python experiments/pooling_rules.py runs/kfold-ft96 --out
+docs/crossval/pooling.json``.
 
 For each fold of an ``imageorigin crossval --folds K`` run, the fold's model
 scores the fold's held-out images (its ``test_scores.csv``) crop by crop

@@ -1,6 +1,11 @@
 """Which crops to score, compared on a grouped k-fold run's held-out sources.
 
-    python benchmarks/crop_choice.py runs/kfold [--only-folds 1 2] [--out docs/crossval/crop_choice.json]
+    python experiments/crop_choice.py runs/kfold [--only-folds 1 2] [--out docs/crossval/crop_choice.json]
+
+Committed result: ``python experiments/crop_choice.py runs/kfold-e5-now --out
+docs/crossval/crop_choice.json`` (about 30 min; ``runs/kfold-e5-now`` is the
+README's grouped 6-fold run of the shipped recipe with the 3x3 grid: a tiled
+model reads every tile, and this comparison needs a grid model).
 
 The same fold models, the same held-out images, only the crops differ: each
 fold's model (of an ``imageorigin crossval --folds K`` run with a native n x n

@@ -1,6 +1,10 @@
 """Ensembles of k-fold runs, compared on their held-out sources without retraining.
 
-    python benchmarks/ensembles.py runs/kfold-a runs/kfold-b ... [--out docs/crossval/ensembles.json]
+    python experiments/ensembles.py runs/kfold-a runs/kfold-b ... [--out docs/crossval/ensembles.json]
+
+Committed result: ``python experiments/ensembles.py runs/kfold-e5-now runs/kfold-e5-s1
+runs/kfold-e8 runs/kfold-early runs/kfold-freeze7 runs/kfold-npr runs/kfold-lite0
+--out docs/crossval/ensembles.json`` (seconds).
 
 Runs made on the same folds (``imageorigin crossval --folds K``, the same
 ``--fold-seed``) score the same held-out images. For every combination of one,

@@ -1,4 +1,4 @@
-"""What the benchmarks that re-read a grouped k-fold run share: its folds, each
+"""What the experiments that re-read a grouped k-fold run share: its folds, each
 fold's held-out scores and model, per-source AUC, and the JSON they report."""
 
 from __future__ import annotations

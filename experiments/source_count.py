@@ -1,7 +1,9 @@
 """Is it the number of sources or the number of images? A learning curve over training families.
 
-    python benchmarks/source_count.py runs/kfold-e5-now runs/kfold-e5-s1 \
+    python experiments/source_count.py runs/kfold-e5-now runs/kfold-e5-s1 \
         --work runs/source-count --out docs/crossval/source-count.json
+
+(the command of the committed result; about 5 min per fold and arm).
 
 The first run (a grouped k-fold run of ``imageorigin crossval --group-by family``
 on the native view of both sets, as in the README) gives the folds and the
