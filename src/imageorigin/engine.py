@@ -36,7 +36,7 @@ frozen ImageNet backbone with a linear head is unaffected.  So bf16 is used
 only for a model whose checkpoint says it was checked (:func:`check_precision`,
 run by training on held-out images); everything else runs in fp32.  int8 is
 held to the same check, and the default model fails it by more (int8 changes
-the label of 63% of its calibration images).
+the label of two thirds of its calibration images).
 """
 
 from __future__ import annotations
