@@ -9,9 +9,9 @@
 from .backbones import BackboneWeightsError
 from .data import DataFolderError
 from .evaluate import evaluate
-from .export import export_onnx
+from .export import export_onnx, export_seed
 from .images import ImageDecodeError, decode_image
-from .model import CheckpointError, Classifier, export_seed, load, save
+from .model import CheckpointError, Classifier, load, save
 from .predict import Prediction, predict
 from .train import TrainConfig, train
 

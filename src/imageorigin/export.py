@@ -22,7 +22,6 @@ OpenVINO, which reads ONNX): ``imageorigin predict --model model.onnx``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -30,10 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import eval_transform
-from .engine import Engine, compile_openvino
 from .fileio import atomic_path
-from .model import CheckpointError, Classifier, Scoring
+# OnnxClassifier and load_onnx live with the other loaders in model.py; named here
+# too, where earlier versions defined them.
+from .model import CheckpointError, Classifier, OnnxClassifier, load_onnx  # noqa: F401
 
 
 class _WithProbs(nn.Module):
@@ -67,62 +66,15 @@ def export_onnx(model: Classifier, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-class OnnxClassifier(Scoring):
-    """A model exported by :func:`export_onnx`, read back: the same labels,
-    preprocessing, temperature, threshold and bands as the checkpoint it came
-    from, its forward pass run by OpenVINO from the ONNX file itself."""
-
-    def __init__(self, path: Path, meta: dict):
-        self.path = Path(path)
-        self.meta = meta
-        self.labels = list(meta["labels"])
-        self.display_names = meta.get("display_names") or {l: l for l in self.labels}
-        self.human_label = meta.get("human_label")
-        self.preprocessing = meta["preprocessing"]
-        self.temperature = float(meta.get("temperature", 1.0))
-        self.threshold = meta.get("threshold")
-        self.bands = meta.get("bands")
-        self.inference_precision = meta.get("inference_precision", "fp32")
-        self.info = meta.get("info") or {}
-        self.transform = eval_transform(self.preprocessing)
-        with self.path.open("rb") as f:
-            self.digest = hashlib.file_digest(f, "sha256").hexdigest()
-
-    def describe(self) -> dict:
-        """The checkpoint description stored in the ONNX file, and where it was read."""
-        return {**self.meta, "onnx": {"path": str(self.path), "sha256": self.digest}}
-
-    def engine(self, engine: str = "auto", precision: str = "fp32") -> Engine:
-        """OpenVINO compiling the ONNX graph: (B, 3, crop, crop) -> logits (B, C)."""
-        if engine not in ("auto", "openvino"):
-            raise ValueError(f"{self.path}: an .onnx model runs on OpenVINO (--engine auto or openvino)")
-        # int8 is not quantised for an exported file: it runs fp32, and says so.
-        compiled, ran = compile_openvino(self.path, precision != "bf16")
-        logits = compiled.output("logits")
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(compiled(x.detach().cpu().float().contiguous().numpy())[logits].copy())
-
-        return Engine("openvino", ran, run)
-
-    def to(self, device) -> "OnnxClassifier":
-        return self
-
-    def eval(self) -> "OnnxClassifier":
-        return self
-
-
-def load_onnx(path: str | os.PathLike) -> OnnxClassifier:
-    """Read an ONNX file written by :func:`export_onnx`; CheckpointError names the
-    file if it is not valid ONNX or carries no imageorigin metadata."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # onnx raises DecodeError and others for non-ONNX bytes
-        raise CheckpointError(f"{path}: not a valid ONNX file ({type(err).__name__})") from None
-    meta = {p.key: p.value for p in proto.metadata_props}.get("imageorigin")
-    if meta is None:
-        raise CheckpointError(f"{path}: an ONNX file without imageorigin metadata (not written by "
-                              "`imageorigin export`): its labels and preprocessing are unknown")
-    return OnnxClassifier(Path(path), json.loads(meta))
+def export_seed(model: Classifier, path: str | os.PathLike) -> Path:
+    """Write a DenseNet121 model in the seed's layout: a plain torchvision state dict."""
+    if model.backbone.name != "densenet121":
+        raise CheckpointError(
+            f"the seed's .pth layout is a torchvision densenet121; this model's backbone is "
+            f"{model.backbone.name}"
+        )
+    state = {f"features.{k}": v for k, v in model.backbone.features.state_dict().items()}
+    state.update({f"classifier.{k}": v for k, v in model.head.state_dict().items()})
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, tmp)
+    return Path(path)

@@ -11,6 +11,7 @@ unpickled when a checkpoint is loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from importlib import resources
@@ -24,6 +25,7 @@ from torch import nn
 
 from . import backbones
 from .data import default_preprocessing, eval_transform, tile_detail
+from .engine import Engine, compile_openvino
 from .fileio import atomic_path
 from .runtime import device
 
@@ -47,7 +49,7 @@ class CheckpointError(ValueError):
 class Scoring:
     """What every model gives callers besides its forward pass: pooling crops,
     calibrated scores and the human class.  Shared by :class:`Classifier` and
-    an exported ONNX model (:class:`imageorigin.export.OnnxClassifier`); needs
+    an exported ONNX model (:class:`OnnxClassifier`); needs
     ``preprocessing``, ``temperature``, ``labels`` and ``human_label``."""
 
     def pool(self, logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -233,8 +235,6 @@ def load(model: str | os.PathLike = "default") -> Classifier:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such model file")
     if path.suffix.lower() == ".onnx":
-        from .export import load_onnx  # export imports this module
-
         return load_onnx(path)
     if _is_safetensors(path):
         return _load_safetensors(path).to(device()).eval()
@@ -351,15 +351,65 @@ def _load_seed(path: Path) -> Classifier:
     return clf
 
 
-def export_seed(model: Classifier, path: str | os.PathLike) -> Path:
-    """Write a DenseNet121 model in the seed's layout: a plain torchvision state dict."""
-    if model.backbone.name != "densenet121":
-        raise CheckpointError(
-            f"the seed's .pth layout is a torchvision densenet121; this model's backbone is "
-            f"{model.backbone.name}"
-        )
-    state = {f"features.{k}": v for k, v in model.backbone.features.state_dict().items()}
-    state.update({f"classifier.{k}": v for k, v in model.head.state_dict().items()})
-    with atomic_path(path) as tmp:
-        torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, tmp)
-    return Path(path)
+# ---------------------------------------------------------------- exported ONNX files
+
+
+class OnnxClassifier(Scoring):
+    """A model exported by :func:`export_onnx`, read back: the same labels,
+    preprocessing, temperature, threshold and bands as the checkpoint it came
+    from, its forward pass run by OpenVINO from the ONNX file itself."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path = Path(path)
+        self.meta = meta
+        self.labels = list(meta["labels"])
+        self.display_names = meta.get("display_names") or {l: l for l in self.labels}
+        self.human_label = meta.get("human_label")
+        self.preprocessing = meta["preprocessing"]
+        self.temperature = float(meta.get("temperature", 1.0))
+        self.threshold = meta.get("threshold")
+        self.bands = meta.get("bands")
+        self.inference_precision = meta.get("inference_precision", "fp32")
+        self.info = meta.get("info") or {}
+        self.transform = eval_transform(self.preprocessing)
+        with self.path.open("rb") as f:
+            self.digest = hashlib.file_digest(f, "sha256").hexdigest()
+
+    def describe(self) -> dict:
+        """The checkpoint description stored in the ONNX file, and where it was read."""
+        return {**self.meta, "onnx": {"path": str(self.path), "sha256": self.digest}}
+
+    def engine(self, engine: str = "auto", precision: str = "fp32") -> Engine:
+        """OpenVINO compiling the ONNX graph: (B, 3, crop, crop) -> logits (B, C)."""
+        if engine not in ("auto", "openvino"):
+            raise ValueError(f"{self.path}: an .onnx model runs on OpenVINO (--engine auto or openvino)")
+        # int8 is not quantised for an exported file: it runs fp32, and says so.
+        compiled, ran = compile_openvino(self.path, precision != "bf16")
+        logits = compiled.output("logits")
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(compiled(x.detach().cpu().float().contiguous().numpy())[logits].copy())
+
+        return Engine("openvino", ran, run)
+
+    def to(self, device) -> "OnnxClassifier":
+        return self
+
+    def eval(self) -> "OnnxClassifier":
+        return self
+
+
+def load_onnx(path: str | os.PathLike) -> OnnxClassifier:
+    """Read an ONNX file written by :func:`export_onnx`; CheckpointError names the
+    file if it is not valid ONNX or carries no imageorigin metadata."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # onnx raises DecodeError and others for non-ONNX bytes
+        raise CheckpointError(f"{path}: not a valid ONNX file ({type(err).__name__})") from None
+    meta = {p.key: p.value for p in proto.metadata_props}.get("imageorigin")
+    if meta is None:
+        raise CheckpointError(f"{path}: an ONNX file without imageorigin metadata (not written by "
+                              "`imageorigin export`): its labels and preprocessing are unknown")
+    return OnnxClassifier(Path(path), json.loads(meta))
