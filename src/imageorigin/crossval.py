@@ -34,7 +34,8 @@ from .data import (LabelledFolder, manifest_name, match_manifest, read_manifest,
 from .evaluate import UNKNOWN_SOURCE, figures
 from .fileio import write_json, write_text
 from .predict import predict
-from .train import TrainConfig, can_resume, changed_settings, train
+from .train import TrainConfig, train
+from .train_state import can_resume, changed_settings
 
 GROUP_BY = ("source", "family")
 
