@@ -191,9 +191,9 @@ KINDS = {
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_the_readme_onnx_runtime_snippet_reproduces_the_cli(kind, default, raw, tmp_path):
-    readme = (REPO / "README.md").read_text()
-    snippet = re.search(r"<!-- onnxruntime snippet -->\n```python\n(.*?)```", readme, re.S).group(1)
+def test_the_documented_onnx_runtime_snippet_reproduces_the_cli(kind, default, raw, tmp_path):
+    page = (REPO / "docs/guide/exported-models.md").read_text()
+    snippet = re.search(r"<!-- onnxruntime snippet -->\n```python\n(.*?)```", page, re.S).group(1)
     model, source = default, "default"
     if KINDS[kind]:
         model = imageorigin.load()
