@@ -29,17 +29,10 @@ import torch
 import imageorigin
 from imageorigin.backbones import build_backbone
 from imageorigin.data import stack_images
-from imageorigin.engine import Engine, agreement, create_engine
+from imageorigin.engine import Engine, agreement, create_engine, rows
 from imageorigin.model import SEED_LABELS
 
 SHARED = Path(os.environ.get("IMAGEORIGIN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-
-
-def rows(as_batch) -> torch.Tensor:
-    """Every crop of a batch of preprocessed images as rows: (N, 3, c, c)."""
-    if isinstance(as_batch, list):
-        return torch.cat(as_batch)
-    return as_batch.flatten(0, 1) if as_batch.dim() == 5 else as_batch
 
 
 def timed(run, x: np.ndarray, repeats: int = 4) -> float:

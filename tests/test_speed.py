@@ -115,6 +115,16 @@ def test_default_model_is_kept_in_fp32_because_int8_and_bf16_change_its_answers(
     assert stored["precision"] == "fp32" and stored["int8"]["passed"] is False
 
 
+def test_a_check_stored_before_int8_still_reads_in_words_and_is_made_again():
+    # an older checkpoint's check: bf16 alone, its figures at the top level, no words kept
+    old = {"precision": "bf16", "images": 32, "same_label": 1.0, "max_prob_diff": 0.003, "host_bf16": True}
+    assert engine_module.check_outcome(old) == \
+        "bf16: same label on 100.0% of 32 images, probabilities within 0.0030 of fp32"
+    assert engine_module.check_outcome({**old, "precision": "fp32", "same_label": 0.9}) == \
+        "fp32: bf16 changed the answers (same label on 90.0% of 32 images, probabilities off by up to 0.0030)"
+    assert engine_module.needs_check(old)  # it says nothing of int8: predict checks it again
+
+
 def test_a_model_that_is_insensitive_to_reduced_precision_runs_in_int8(val_images, cpu):
     model = imageorigin.Classifier(build_backbone("mobilenet_v2"), ["dalle", "human", "other_ai"])
     torch.nn.init.zeros_(model.head.weight)  # every image scores the bias alone, in any precision
@@ -174,7 +184,8 @@ def test_int8_quantises_on_the_first_batch_when_forced_and_is_cached_by_digest(d
     [fp32_ir] = [p for p in (cache / "openvino").glob("*.xml") if "-int8-" not in p.name]
     [int8_ir] = (cache / "openvino").glob("*-int8-*.xml")
     assert int8_ir.name.startswith(fp32_ir.stem) and int8_ir.with_suffix(".bin").stat().st_size > 0
-    assert "ran on" not in capsys.readouterr().err  # forced, not checked: nothing to report
+    # forced, not checked, and it says what ran (the first engine line came before int8 existed)
+    assert "precision int8 forced, not checked; ran on openvino int8" in capsys.readouterr().err
     assert len(out.read_text().splitlines()) == 1 + 8
     before = int8_ir.stat().st_mtime_ns
     engine_module._ENGINES.clear()  # a later run: the cached int8 engine, no calibration

@@ -19,7 +19,7 @@ from .evaluate import evaluate
 from .export import export_onnx, export_seed
 from .images import find_images
 from .model import CheckpointError, load
-from .output import common_root, verdict_cuts, declared_line, table_header, output_file, write_predictions
+from .output import common_root, declared_line, output_file, table_header, verdict_cuts, write_predictions
 from .predict import current_engine, precision_reason, predict
 from .train import TrainConfig, train
 
@@ -115,7 +115,7 @@ def _predict(args) -> int:
         header = lambda digits: table_header(model, args.threshold, digits)  # noqa: E731
         cuts = verdict_cuts(model, args.threshold)
         for p in write_predictions(preds, model.labels, args.format, out, args.evidence, header, cuts,
-                        root=common_root(files)):
+                                   root=common_root(files)):
             key = "error" if p.error else p.verdict
             counts[key] = counts.get(key, 0) + 1
             kind = (p.provenance or {}).get("summary", "none")
@@ -135,6 +135,9 @@ def _predict(args) -> int:
         cost = check.get("int8", {}).get("quantise_seconds")
         cost = f"; int8 calibration took {cost:.1f} s, once: its engine is cached" if cost else ""
         print(f"imageorigin: precision {check_outcome(check)} (checked on {check['checked_on']}{cost}); "
+              f"ran on {current_engine(model, args.engine, args.precision)}", file=sys.stderr)
+    elif args.precision and not args.quiet:  # forced: the engine line above ran before a forced int8 existed
+        print(f"imageorigin: precision {args.precision} forced, not checked; "
               f"ran on {current_engine(model, args.engine, args.precision)}", file=sys.stderr)
     if (args.format != "table" or args.out) and not args.quiet:
         print(f"imageorigin: {summary}" + (f"\nimageorigin: {said}" if said else ""), file=sys.stderr)

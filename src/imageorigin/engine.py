@@ -361,13 +361,11 @@ def check_precision(model, images, engine: str = "auto", batch_size: int = 32) -
     """Whether ``model`` (a Classifier) gives its fp32 answers in int8 and in bf16 on ``images``.
 
     ``images`` is (N, 3, H, W) or crops (N, K, 3, H, W), or a list of N (K_i, 3, H, W),
-    already preprocessed.  int8 is quantised on every other one of these images (:func:`create_engine`;
-    OpenVINO only) and bf16 compiled where the CPU has it; each is compared with
+    already preprocessed.  int8 is quantised on every other one of these images and
+    compared on the rest (:func:`create_engine`; OpenVINO only), and bf16 compiled where the CPU has it; each is compared with
     fp32 by :func:`agreement` and passes if at least 99.5% of labels and of
     verdict bands are the same and no calibrated probability moves by more than
     0.01.  The fastest that passes is chosen: int8, then bf16, else fp32.
-
-    int8 is calibrated on every other image and compared on the rest.
 
     Returns ``{"precision": chosen, "images": N, "int8": figures, "bf16": figures,
     "host_bf16": bool, "outcome": words}``; each figures dict has
@@ -381,6 +379,7 @@ def check_precision(model, images, engine: str = "auto", batch_size: int = 32) -
     size = model.preprocessing["crop"]
     fp32 = cached_engine(model, engine, "fp32", size)
     on_cpu = fp32.name == "openvino" or next(model.parameters()).device.type == "cpu"
+    has_bf16 = host_bf16() if on_cpu else False
     ref = _probs(model, fp32, images, batch_size)
     tried = {}
     if not isinstance(model, nn.Module):
@@ -401,11 +400,10 @@ def check_precision(model, images, engine: str = "auto", batch_size: int = 32) -
     if low.precision == "bf16":
         tried["bf16"] = agreement(model, ref, _probs(model, low, images, batch_size))
     else:
-        has = host_bf16() if on_cpu else False
-        tried["bf16"] = {"outcome": "the engine compiled for bf16 runs fp32 here" if has else
+        tried["bf16"] = {"outcome": "the engine compiled for bf16 runs fp32 here" if has_bf16 else
                          f"this {'CPU' if on_cpu else 'GPU'} has no bf16"}
     chosen = next((p for p in ("int8", "bf16") if tried[p].get("passed")), "fp32")
-    check = {"precision": chosen, "images": len(images), **tried, "host_bf16": host_bf16() if on_cpu else False}
+    check = {"precision": chosen, "images": len(images), **tried, "host_bf16": has_bf16}
     return {**check, "outcome": check_outcome(check)}
 
 
@@ -441,10 +439,13 @@ def check_outcome(check: dict) -> str:
     64 images, probabilities within 0.0030 of fp32" or "fp32: int8 changed the
     answers (...); this CPU has no bf16" (checks stored before the words were
     kept, or before int8 was tried, get them from their figures)."""
-    if "int8" not in check:  # a check from before int8: its bf16 figures at the top level
+    if "int8" not in check:  # a check from before int8: bf16 alone, its figures at the top level
         if check.get("outcome"):
             return check["outcome"]
-        check = {**check, "bf16": {**check, "passed": check["precision"] == "bf16"}}
+        figures = f"same label on {check['same_label']:.1%} of {check['images']} images"
+        if check["precision"] == "bf16":
+            return f"bf16: {figures}, probabilities within {check['max_prob_diff']:.4f} of fp32"
+        return f"fp32: bf16 changed the answers ({figures}, probabilities off by up to {check['max_prob_diff']:.4f})"
     n = check["images"]
 
     def said(name: str) -> str:

@@ -59,14 +59,13 @@ def table_header(model, threshold: float | None, digits: int = 4) -> str:
     """The table's first line: where the verdict bands lie."""
     if model.human_label is None:
         return "# no human class in this model: no AI verdict, only class probabilities"
-    cut = model.threshold if threshold is None else threshold
-    if cut is None:
+    cuts = verdict_cuts(model, threshold)  # [the AI cut, the human band's edge], as there are
+    if not cuts:
         return "# no stored threshold: no verdict (give --threshold P)"
-    low = (model.bands or {}).get("likely_human")
     where = "given with --threshold" if threshold is not None else "stored in the model"
-    text = f"# likely AI: p_ai >= {cut:.{digits}f} ({where})"
-    if low is not None:
-        text += f"; likely human: p_ai <= {min(low, cut):.{digits}f}"
+    text = f"# likely AI: p_ai >= {cuts[0]:.{digits}f} ({where})"
+    if len(cuts) > 1:
+        text += f"; likely human: p_ai <= {cuts[1]:.{digits}f}"
     return text + "; else, or with a caveat, uncertain"
 
 

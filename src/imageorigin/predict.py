@@ -169,9 +169,13 @@ def current_engine(model: Classifier, engine: str = "auto", precision: str | Non
     it says which engine and the precision its compiled graph really runs in,
     e.g. "openvino fp32".  Where int8 is wanted but not quantised on this
     machine yet, the fp32 engine (predict quantises int8 on its first batch)."""
-    if precision is None:
-        # A check made here by an earlier predict is newer than the stored one
-        # (which may say int8, and int8 failed on this machine's first batch).
+    stored = model.info.get("precision_check")
+    # A check made here by an earlier predict stands for a stored one that says
+    # nothing about this machine, or says int8 (which may have failed on this
+    # machine's first batch); once taken (it says what it was checked on) the
+    # file is not read again.
+    if precision is None and (needs_check(stored) or
+                              (model.inference_precision == "int8" and "checked_on" not in (stored or {}))):
         remembered = _remembered(model)
         check = json.loads(remembered.read_text()) if remembered.is_file() else None
         if not needs_check(check):
