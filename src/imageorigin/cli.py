@@ -218,10 +218,34 @@ def _serve(args) -> int:
     # timeout_keep_alive drops idle connections. uvicorn trusts X-Forwarded-For
     # from 127.0.0.1 unless told otherwise, which would let any local client
     # forge its address past the rate limit: only the proxies named are trusted.
-    uvicorn.run(create_app(args.model, limits, keys), host=args.host, port=args.port, log_level="info",
+    uvicorn.run(create_app(args.model, limits, keys, store=args.store, keep_images=args.keep_images), host=args.host, port=args.port, log_level="info",
                 access_log=False, limit_concurrency=1024, timeout_keep_alive=5,
                 proxy_headers=bool(args.forwarded_allow_ips), forwarded_allow_ips=args.forwarded_allow_ips)
     return 0
+
+
+def _adapt(args) -> int:
+    from .adapt import adapt, gate, gate_table
+
+    record = adapt(args.model, args.feedback, args.out, replay=args.replay, epochs=args.epochs,
+                   replay_per_class=args.replay_per_class, progress=not args.quiet)
+    print(f"candidate {record['candidate']} (id {record['candidate_id'][:12]}): learned from "
+          f"{len(record['trained_on'])} reviewed images, {len(record['held_out'])} held out for the gate, "
+          f"in {record['seconds']} s", file=sys.stderr)
+    if not args.reference:
+        print("not gated: give --reference DIR (or run imageorigin gate) before deploying it", file=sys.stderr)
+        return 0
+    result = gate(record["candidate"], args.model, args.reference)
+    print(gate_table(result))
+    return 0 if result["accepted"] else 1
+
+
+def _gate(args) -> int:
+    from .adapt import gate, gate_table
+
+    result = gate(args.candidate, args.current, args.reference)
+    print(gate_table(result))
+    return 0 if result["accepted"] else 1
 
 
 def _info(args) -> int:
@@ -288,7 +312,7 @@ def _audit(args) -> int:
 # What each sub-command runs (its arguments: cli_args.parser).
 HANDLERS = {"train": _train, "crossval": _crossval, "evaluate": _evaluate, "predict": _predict,
             "export": _export, "scan": _scan, "results": _results, "explain": _explain, "serve": _serve,
-            "info": _info, "audit": _audit}
+            "info": _info, "audit": _audit, "adapt": _adapt, "gate": _gate}
 
 
 if __name__ == "__main__":

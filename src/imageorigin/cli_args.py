@@ -174,7 +174,31 @@ def parser(handlers: dict) -> argparse.ArgumentParser:
     v.add_argument("--forwarded-allow-ips", metavar="IPS",
                    help="proxy addresses (comma-separated, '*' for any) whose X-Forwarded-For names the "
                         "client, for the rate limit; by default that header is never trusted")
+    v.add_argument("--store", metavar="DIR", help="keep reviewers' feedback and the deployment history here "
+                                                 "(SQLite); without it the service keeps nothing")
+    v.add_argument("--keep-images", action="store_true",
+                   help="with --store: also keep the bytes of each image a reviewer labels (for adapt)")
     v.set_defaults(func=handlers["serve"])
+
+    d = sub.add_parser("adapt", help="learn from reviewers' feedback: a candidate model, then its gate")
+    d.add_argument("model", metavar="MODEL", help="the model in service (checkpoint path or 'default')")
+    d.add_argument("--feedback", required=True, metavar="DIR", help="the service's --store folder")
+    d.add_argument("--out", required=True, metavar="DIR", help="folder for the candidate and its card")
+    d.add_argument("--replay", action="append", metavar="DIR",
+                   help="class folders of the model's training data (repeatable; default: those it names)")
+    d.add_argument("--replay-per-class", type=int, default=100, help="replay images per class")
+    d.add_argument("--epochs", type=int, default=3)
+    d.add_argument("--reference", action="append", metavar="DIR",
+                   help="the team's reference set (class folders, repeatable): gate the candidate on it")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=handlers["adapt"])
+
+    g = sub.add_parser("gate", help="accept or refuse a candidate against the current model (exit 1: refused)")
+    g.add_argument("candidate", metavar="CANDIDATE", help="the candidate checkpoint (adapt.json beside it)")
+    g.add_argument("--current", required=True, metavar="MODEL", help="the model in service")
+    g.add_argument("--reference", required=True, action="append", metavar="DIR",
+                   help="the team's reference set (class folders, repeatable)")
+    g.set_defaults(func=handlers["gate"])
 
     i = sub.add_parser("info", help="print a model's labels, preprocessing, settings and metrics")
     i.add_argument("model", metavar="MODEL", nargs="?", default="default",

@@ -85,6 +85,11 @@ class ModelInfo(BaseModel):
 
     id: str
     sha256: str
+    path: str
+    since: float = Field(description="Unix time it began to answer")
+    previous: list[str] = Field(description="ids of the models a rollback goes back to, the next first")
+    feedback: dict[str, bool] = Field(description="store: reviews are kept; keep_images: so are the "
+                                                  "bytes of the images reviewers label")
     engine: str
     precision: str
     labels: list[str]

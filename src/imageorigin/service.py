@@ -34,10 +34,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import hmac
 import os
 import re
+import signal
+import sys
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
@@ -53,9 +55,12 @@ from PIL import Image
 
 from . import __version__, provenance
 from .images import ImageDecodeError, decode_image, max_pixels
-from .model import default_model_path, load
+from .hotswap import Busy, Models, Served, load_served, weak_spots  # noqa: F401 - weak_spots: its import path of before
 from .predict import Prediction, current_engine, precision_reason, predict
+from .feedback import FeedbackStore
+from .access import CSP, Guard, _send_json, check_bind, load_api_keys  # noqa: F401 - the import paths of before
 from .schemas import Analysis, ModelInfo, Status, errors
+from .service_review import remember, review_routes
 
 
 # The built-in limits (``serve --help`` prints them); IMAGEORIGIN_<NAME> and the flags override.
@@ -88,20 +93,17 @@ class Limits:
     request_timeout_s: float = field(default_factory=lambda: _env("request_timeout_s"))
 
 
-class Busy(Exception):
-    """The queue is full: the client should retry later."""
-
-
 class Batcher:
     """Gathers the images of concurrent requests into shared ``predict`` calls.
 
     One background task takes images off a queue, waits up to ``max_wait_ms``
     for more (at most ``max_batch``), and runs the batch on one inference
-    thread; each caller awaits its own images' predictions.
+    thread on ``models.current``, read once per batch (so a swap never splits
+    one); each caller awaits its own images' (prediction, served model) pairs.
     """
 
-    def __init__(self, model, limits: Limits):
-        self.model, self.limits = model, limits
+    def __init__(self, models: Models, limits: Limits):
+        self.models, self.limits = models, limits
         self.queue: asyncio.Queue = asyncio.Queue()
         self.waiting = 0  # images queued or in the batch being run
         self.stats = {"images": 0, "batches": 0}  # shared forward passes so far
@@ -116,8 +118,9 @@ class Batcher:
             self.task.cancel()
         self.executor.shutdown(wait=True, cancel_futures=True)
 
-    async def submit(self, images: list[Image.Image]) -> list[Prediction]:
-        """Predictions for ``images``, in order; raises Busy when the queue is full."""
+    async def submit(self, images: list[Image.Image]) -> list[tuple[Prediction, Served]]:
+        """(prediction, the model that made it) for each of ``images``, in order;
+        raises Busy when the queue is full."""
         if self.waiting + len(images) > self.limits.max_queue:
             raise Busy()
         loop = asyncio.get_running_loop()
@@ -151,8 +154,9 @@ class Batcher:
             finally:
                 self.waiting -= len(batch)
 
-    def _predict(self, images: list[Image.Image]) -> list[Prediction]:
-        return list(predict(self.model, images, batch_size=self.limits.max_batch))
+    def _predict(self, images: list[Image.Image]) -> list[tuple[Prediction, Served]]:
+        served = self.models.current  # once: the whole batch runs on one model
+        return [(p, served) for p in predict(served.model, images, batch_size=self.limits.max_batch)]
 
 
 class _BodyLimit:
@@ -186,164 +190,30 @@ class _BodyLimit:
         await self.app(scope, counted, send)
 
 
-async def _send_json(send, status: int, error: str, headers: list | None = None) -> None:
-    body = JSONResponse({"error": error}, status_code=status).body
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
-    await send({"type": "http.response.body", "body": body})
-
-
-# The page and the API: only this origin's own files, no inline script, no
-# plugins, never framed.  Images the page draws come from blob: URLs it makes.
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
-       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
-
-
-def load_api_keys(keys: list[str] | None = None, key_file: str | os.PathLike | None = None) -> list[str]:
-    """The API keys in force: ``keys``, the environment's ``IMAGEORIGIN_API_KEY``
-    (comma-separated), and a file of keys (one per line, # comments)."""
-    found = [k for k in (keys or []) if k]
-    found += [k.strip() for k in os.environ.get("IMAGEORIGIN_API_KEY", "").split(",") if k.strip()]
-    if key_file:
-        for line in Path(key_file).read_text(encoding="utf-8").splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                found.append(line.strip())
-    short = [k for k in found if len(k) < 16]
-    if short:
-        raise ValueError(f"{len(short)} API key(s) under 16 characters: use long random keys "
-                         "(python -c 'import secrets; print(secrets.token_urlsafe(32))')")
-    return found
-
-
-def check_bind(host: str, keys: list[str], insecure: bool = False) -> None:
-    """Refuse to serve anything but a loopback address without an API key."""
-    import ipaddress
-
-    if keys or insecure or host == "localhost":
-        return
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return
-    except ValueError:
-        pass
-    raise ValueError(f"refusing to serve on {host} without an API key: anyone who can reach it could use "
-                     "it. Give --api-key (or IMAGEORIGIN_API_KEY, or --api-key-file), or --insecure-bind "
-                     "if something in front of it already lets in only whom it should")
-
-
-class Guard:
-    """ASGI middleware, outermost: security headers on every answer, the API key
-    (all but /healthz) and each client's rate limit (all but /healthz)."""
-
-    def __init__(self, app, keys: list[str], limits: Limits, csp: dict[str, str] | None = None):
-        self.app, self.limits = app, limits
-        self.keys = [k.encode() for k in keys]
-        self.csp = csp or {}  # path -> its policy, where it differs from CSP
-        self.buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill time)
-
-    def _authorised(self, headers: dict) -> bool:
-        given = headers.get(b"x-api-key", b"")
-        auth = headers.get(b"authorization", b"")
-        if auth[:7].lower() == b"bearer ":
-            given = auth[7:].strip()
-        elif auth[:6].lower() == b"basic ":
-            try:
-                given = base64.b64decode(auth[6:].strip(), validate=True).partition(b":")[2]
-            except ValueError:
-                given = b""
-        # Every key compared, each in constant time: neither the time nor the
-        # count of comparisons says how much of a key was right.
-        ok = False
-        for key in self.keys:
-            ok |= hmac.compare_digest(given, key)
-        return ok
-
-    def _wait(self, client: str) -> float:
-        """0 if ``client`` may go on now, else the seconds until it may."""
-        rate = self.limits.rate_per_minute / 60.0
-        if rate <= 0:
-            return 0.0
-        now = time.monotonic()
-        tokens, last = self.buckets.pop(client, (float(self.limits.rate_burst), now))
-        tokens = min(float(self.limits.rate_burst), tokens + (now - last) * rate)
-        if len(self.buckets) >= 10_000:  # forget the longest-idle client (insertion order)
-            self.buckets.pop(next(iter(self.buckets)))
-        if tokens < 1:
-            self.buckets[client] = (tokens, now)
-            return (1 - tokens) / rate
-        self.buckets[client] = (tokens - 1, now)
-        return 0.0
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def secured(message):
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []),
-                                      (b"x-content-type-options", b"nosniff"),
-                                      (b"content-security-policy", self.csp.get(scope["path"], CSP).encode()),
-                                      (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY")]
-            await send(message)
-
-        if scope["path"] != "/healthz":
-            if self.keys and not self._authorised(dict(scope["headers"])):
-                return await _send_json(secured, 401, "an API key is needed: Authorization: Bearer KEY, "
-                                        "X-API-Key: KEY, or HTTP Basic with the key as password",
-                                        [(b"www-authenticate", b'Basic realm="imageorigin", charset="UTF-8"')])
-            wait = self._wait((scope.get("client") or ("?",))[0])
-            if wait:
-                return await _send_json(secured, 429, "too many requests from this client: slow down",
-                                        [(b"retry-after", str(max(1, round(wait + 0.5))).encode())])
-        await self.app(scope, receive, secured)
-
-
-def weak_spots(checkpoint: Path) -> list[str]:
-    """The known weak spots of a model: the bullets of the Limitations sections of
-    its card, the Markdown file beside the checkpoint (``<name>.md``, or the
-    ``MODEL_CARD.md`` that ``train`` writes into the run folder)."""
-    for card in (checkpoint.with_suffix(".md"), checkpoint.parent / "MODEL_CARD.md"):
-        if card.is_file():
-            break
-    else:
-        return []
-    spots, inside = [], False
-    for line in card.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#"):
-            inside = "imitation" in line
-        elif inside and line.startswith("- "):
-            spots.append(line[2:].strip())
-        elif inside and spots and line.startswith("  ") and line.strip():
-            spots[-1] += " " + line.strip()  # a bullet's continuation line
-    return [re.sub(r"\*\*|`", "", s) for s in spots]
-
-
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def create_app(model: str = "default", limits: Limits | None = None, api_keys: list[str] | None = None) -> FastAPI:
+def create_app(model: str = "default", limits: Limits | None = None, api_keys: list[str] | None = None,
+               store: str | os.PathLike | None = None, keep_images: bool = False) -> FastAPI:
     """The service's application: load ``model`` at start-up (``"default"`` or a path).
-    With ``api_keys``, every endpoint but /healthz needs one of them."""
+    With ``api_keys``, every endpoint but /healthz needs one of them.  ``store``: a
+    folder for reviewers' feedback and the deployment history (SQLite); with
+    ``keep_images`` it also keeps the bytes of the images reviewers label."""
     limits = limits or Limits()
-    state: dict = {"ready": False}
+    state: dict = {"ready": False, "answers": OrderedDict(), "store": None}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loop = asyncio.get_running_loop()
-        clf = await loop.run_in_executor(None, load, model)
-        path = default_model_path() if str(model) == "default" else Path(model)
-        state.update(model=clf, sha256=_sha256_file(path), batcher=Batcher(clf, limits),
-                     weak_spots=weak_spots(path))
+        state["store"] = FeedbackStore(store, keep_images) if store is not None else None
+        # Loaded and warmed up (the first forward pass compiles the engine) off the event loop.
+        models = Models(await asyncio.to_thread(load_served, model), state["store"])
+        state.update(models=models, batcher=Batcher(models, limits))
         state["batcher"].start()
-        # Warm up: the first forward pass compiles the engine and fills caches.
-        await state["batcher"].submit([Image.new("RGB", (256, 256), (128, 96, 64))])
+        hangup = _on_hangup(lambda: models.deploy(model, by="SIGHUP"))
         state["ready"] = True
         yield
         state["ready"] = False
+        hangup()
         await state["batcher"].stop()
+        if state["store"] is not None:
+            state["store"].close()
 
     app = FastAPI(title="imageorigin", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Tell whether an image was made by a person, by DALL-E, or by another AI "
@@ -408,18 +278,22 @@ def create_app(model: str = "default", limits: Limits | None = None, api_keys: l
         known weak spots, and the server's limits."""
         if not state["ready"]:
             raise HTTPException(503, "the model is loading", headers={"Retry-After": "2"})
-        clf = state["model"]
+        served = state["models"].current
+        clf = served.model
         meta = clf.describe()
         run = current_engine(clf)
         return {
-            "id": state["sha256"], "sha256": state["sha256"],
+            "id": served.id, "sha256": served.id, "path": served.path, "since": served.since,
+            "previous": [s.id for s in reversed(state["models"].previous)],
+            "feedback": {"store": state["store"] is not None,
+                         "keep_images": state["store"] is not None and state["store"].keep_images},
             # Read back from the compiled engine now: a seed .pth is checked on
             # its first large batch and may move to bf16 then.
             "engine": str(run), "precision": precision_reason(clf, run),
             "labels": clf.labels, "display_names": clf.display_names, "human_label": clf.human_label,
             "threshold": clf.threshold, "bands": clf.bands, "preprocessing": clf.preprocessing,
             "backbone": meta["backbone"]["name"], "metrics": clf.info.get("metrics"),
-            "weak_spots": state["weak_spots"] or clf.info.get("warnings", []),
+            "weak_spots": served.weak_spots or clf.info.get("warnings", []),
             "limits": asdict(limits), "version": __version__,
             "served": dict(state["batcher"].stats),
         }
@@ -453,16 +327,36 @@ def create_app(model: str = "default", limits: Limits | None = None, api_keys: l
             except (Busy, asyncio.TimeoutError):
                 raise HTTPException(503, "the server is busy: retry shortly", headers={"Retry-After": "1"})
             infer_ms = round(1000 * (time.perf_counter() - started), 1)
-            # Once a request, after its predictions: the engine they ran on, read back from it.
-            engine = str(current_engine(state["model"]))
-            for slot, p in zip(slots, preds):
-                _fill(results[slot], p, state, heatmap, infer_ms, engine)
+            for slot, (p, served) in zip(slots, preds):
+                _fill(results[slot], p, served, heatmap, infer_ms)
+                remember(state["answers"], results[slot])
         if not images:
             return JSONResponse({"results": results, "error": "none of the files could be read"},
                                 status_code=422)
         return {"results": results}
 
+    review_routes(app, state, limits)
     return app
+
+
+def _on_hangup(deploy):
+    """On SIGHUP, deploy the checkpoint the service was started with again (after
+    its file or link changed); returns what removes the handler.  Only where the
+    event loop runs in the main thread (``imageorigin serve``), not in a test client's."""
+    loop = asyncio.get_running_loop()
+
+    async def reload():
+        try:
+            done = await deploy()
+            print(f"imageorigin: SIGHUP: {done['outcome']}: model {done['id']}", file=sys.stderr, flush=True)
+        except Exception as err:  # noqa: BLE001 - a failed reload leaves the model in service as it was
+            print(f"imageorigin: SIGHUP: model not swapped: {err}", file=sys.stderr, flush=True)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+        return lambda: None
+    return lambda: loop.remove_signal_handler(signal.SIGHUP)
 
 
 def _read_upload(name: str, data: bytes) -> tuple[dict, Image.Image | None]:
@@ -486,14 +380,15 @@ def _read_upload(name: str, data: bytes) -> tuple[dict, Image.Image | None]:
     return result, image
 
 
-def _fill(result: dict, p: Prediction, state: dict, heatmap: bool, infer_ms: float, engine: str) -> None:
-    """Add the pixel verdict and the provenance summary to a file's result."""
-    clf = state["model"]
+def _fill(result: dict, p: Prediction, served: Served, heatmap: bool, infer_ms: float) -> None:
+    """Add the pixel verdict, the model that gave it and the provenance summary to a file's result."""
+    clf = served.model
     ev = result.pop("_provenance")
     result.update({
         "label": p.label, "probs": p.probs, "p_ai": p.p_ai, "threshold": clf.threshold,
         "is_ai": p.is_ai, "verdict": p.verdict, "caveats": p.caveats,
-        "model": {"id": state["sha256"], "engine": engine},
+        # The engine read back from the model that answered (a seed .pth may move to bf16).
+        "model": {"id": served.id, "engine": str(current_engine(clf))},
         "provenance": {"summary": provenance.summarise(ev, p.verdict), **ev},
     })
     if heatmap:

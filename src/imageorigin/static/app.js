@@ -36,6 +36,10 @@ async function loadModel() {
     if (!r.ok) throw new Error((await r.json()).error || r.statusText);
     model = await r.json();
     const b = model.bands || {};
+    const kept = document.getElementById("kept");
+    kept.textContent = model.feedback.keep_images
+      ? "Images a reviewer labels are kept (by their SHA-256) for retraining; others are analysed in memory and not kept."
+      : "Images are analysed in memory and not kept.";
     box.append(el("p", {}, `Model ${model.backbone}, id ${model.id.slice(0, 12)}: likely AI from p_ai `
       + `${model.threshold.toFixed(2)}` + (b.likely_human != null ? `, likely human up to ${b.likely_human.toFixed(2)}` : "")
       + `, uncertain between. At most ${model.limits.max_files} images per request.`));
@@ -118,7 +122,52 @@ function card(file, result) {
     ev.append(ul);
   }
   c.append(ev);
+  if (model && model.feedback && model.feedback.store) c.append(reviewForm(file, result));
   return c;
+}
+
+// A reviewer's correction, sent with the file to /v1/feedback: the service keeps
+// it with the model's answer (and the image only when it runs with --keep-images).
+function reviewForm(file, result) {
+  const n = rows.length;
+  const form = el("form", { class: "review", "aria-label": `review ${result.name}` });
+  const said = el("fieldset", {}, el("legend", {}, "Review: who made it?"));
+  for (const [value, words] of [["human", "a person"], ["ai", "AI"]]) {
+    const id = `review-${n}-${value}`;
+    said.append(el("label", { for: id }, el("input", { type: "radio", name: "label", value, id, required: "" }),
+      ` ${words}`));
+  }
+  const gen = el("input", { name: "generator", id: `generator-${n}`, maxlength: "100",
+    placeholder: "e.g. DALL-E 3, Midjourney" });
+  const note = el("input", { name: "note", id: `note-${n}`, maxlength: "2000" });
+  const who = el("input", { name: "reviewer", id: `reviewer-${n}`, maxlength: "100", required: "",
+    value: localStorage.getItem("imageorigin-reviewer") || "" });
+  const status = el("p", { class: "review-status", role: "status", "aria-live": "polite" });
+  form.append(said,
+    el("label", { for: gen.id }, "generator, if AI and known ", gen),
+    el("label", { for: note.id }, "note ", note),
+    el("label", { for: who.id }, "your name ", who),
+    el("button", { type: "submit" }, "Send review"), status);
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const data = new FormData(form);
+    data.append("sha256", result.sha256);
+    data.append("file", file, result.name);
+    localStorage.setItem("imageorigin-reviewer", who.value);
+    try {
+      const r = await fetch("/v1/feedback", { method: "POST", body: data });
+      const body = await r.json();
+      if (!r.ok) throw new Error(body.error || r.statusText);
+      status.className = "review-status saved";
+      status.textContent = `Saved: you said ${body.label === "human" ? "a person" : "AI"}; the model `
+        + `(${body.model_id.slice(0, 12)}) said "${WORDS[body.model_verdict] || body.model_verdict}". `
+        + (body.image_kept ? "The image is kept for retraining." : "The image was not kept.");
+    } catch (err) {
+      status.className = "review-status error";
+      status.textContent = `Not saved: ${err.message}`;
+    }
+  });
+  return form;
 }
 
 // p and the cuts it is compared with, all with 3 decimals or as many more as it
