@@ -219,3 +219,44 @@ def test_hot_swap_under_load_with_rollback_and_sighup(poisoned, raw, tmp_path):
         assert [d["action"] for d in history] == ["start", "deploy", "rollback", "deploy", "deploy"]
     log.close()
     assert "SIGHUP: deployed" in (tmp_path / "server.log").read_text()
+
+
+def test_a_reviewer_corrects_a_result_on_the_page(raw, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from conftest import served
+    from serving import CHROMIUM
+
+    photo = raw / "human/bsds500__real_photo__test_65084.jpg"
+    app = create_app("default", Limits(), store=tmp_path / "store", keep_images=True)
+    with served(app) as (url, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url + "/")
+        page.wait_for_selector("#model p")
+        assert "Images a reviewer labels are kept" in page.inner_text("footer")
+        page.set_input_files("#picker", [str(photo)])
+        page.wait_for_selector("text=Done: 1 image analysed.", timeout=60000)
+        form = page.locator("form.review")
+        form.get_by_label("AI", exact=True).check()
+        form.get_by_label("generator, if AI and known").fill("Midjourney v6")
+        form.get_by_label("note").fill("seen on a prompt site")
+        form.get_by_label("your name").fill("Chen")
+        form.get_by_role("button", name="Send review").click()
+        page.wait_for_selector(".review-status.saved", timeout=30000)
+        said = form.locator(".review-status").inner_text()
+        assert said.startswith("Saved: you said AI; the model (") and "The image is kept for retraining." in said
+        page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
+        # the name is remembered for the next review
+        page.reload()
+        page.wait_for_selector("#model p")
+        page.set_input_files("#picker", [str(photo)])
+        page.wait_for_selector("text=Done: 1 image analysed.", timeout=60000)
+        assert page.locator("form.review").get_by_label("your name").input_value() == "Chen"
+        browser.close()
+    row, = FeedbackStore(tmp_path / "store").rows()
+    digest = hashlib.sha256(photo.read_bytes()).hexdigest()
+    assert (row["sha256"], row["label"], row["generator"], row["note"], row["reviewer"]) == (
+        digest, "ai", "Midjourney v6", "seen on a prompt site", "Chen")
+    assert row["model_verdict"] == "likely_human" and row["image_kept"] == 1
+    assert FeedbackStore(tmp_path / "store").image_path(digest).read_bytes() == photo.read_bytes()

@@ -26,6 +26,7 @@ import json
 import os
 import random
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from .evaluate import figures
 from .feedback import FeedbackStore
 from .fileio import write_json, write_text
 from .evaluate import evaluate
-from .model import Classifier, load, save
+from .model import Classifier, checkpoint_file, load, save
 from .report import write_model_card
 from .train_calibrate import calibrate
 from .predict import predict
@@ -45,13 +46,16 @@ from .train import train
 from .train_config import TrainConfig
 
 MAX_REPEATS = 5  # times a reviewed image is seen per epoch, at most
+# Shares of the tuned weights tried, most first, and how far the old sources' AUC may fall.
+ALPHAS = (1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+OLD_AUC_SLACK = 0.0
 GATE_FILE = "gate.json"
 ADAPT_FILE = "adapt.json"
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file's bytes: a model's id."""
-    with open(path, "rb") as f:
+    """The SHA-256 of a file's bytes ("default": the default checkpoint's): a model's id."""
+    with open(checkpoint_file(path), "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -143,13 +147,18 @@ def adapt(current: str | os.PathLike, feedback: str | os.PathLike | list[dict], 
     for path, y in found.samples:
         by_class.setdefault(model.labels[y], []).append(path)
     rng = random.Random(seed)
+    shutil.rmtree(out / "data", ignore_errors=True)  # links of an earlier run in this folder
     data, val, calib = (out / "data" / part for part in ("train", "val", "calibration"))
-    val_n, calib_ai = replay_per_class // 3, calibration_humans // 4
+    val_n, calib_ai = replay_per_class, calibration_humans // 4
     for cls, files in sorted(by_class.items()):
+        # Calibration first: the cut matters most; then training, then validation.
         n_calib = calibration_humans if cls == model.human_label else calib_ai
         picked = rng.sample(sorted(files), min(len(files), replay_per_class + val_n + n_calib))
+        if len(picked) < n_calib + 2:
+            raise ValueError(f"{', '.join(map(str, pool))}: {len(files)} replay images of {cls}; "
+                             f"adapt needs more than {n_calib + 2}")
         for i, f in enumerate(picked):
-            part = data if i < replay_per_class else val if i < replay_per_class + val_n else calib
+            part = calib if i < n_calib else data if i < n_calib + replay_per_class else val
             _link(f, part / cls / f"replay-{i}-{Path(f).name}")
     repeats = max(1, min(MAX_REPEATS, round(replay_per_class * len(by_class) / 2 / max(1, len(train_rows)))))
     for r in train_rows:
@@ -161,27 +170,59 @@ def adapt(current: str | os.PathLike, feedback: str | os.PathLike | list[dict], 
     settings = {k: v for k, v in model.info.get("training", {}).items() if k in keep}
     cfg = TrainConfig(**{**settings, "init": str(current), "epochs": epochs, "pseudo_fakes": None,
                          "samples": False, "seed": seed, "calibration_fraction": 0.0, **({"lr": lr} if lr else {})})
+    seconds = {"data": time.perf_counter() - began}
     candidate = train(data, out, cfg, val=val, progress=progress)
+    seconds["train"] = time.perf_counter() - began - sum(seconds.values())
+    alpha, kept = _keep_the_old(model, candidate, [f for f in sorted(val.glob("*/replay-*"))])
+    seconds["mix"] = time.perf_counter() - began - sum(seconds.values())
     # Calibrated here, not in train: on many more humans than a split of this small set holds.
     calib_set = scan_folders([calib], candidate.labels)
     calibrate(candidate, calib_set, cfg, progress)
     candidate.info["calibration"] = {"temperature": candidate.temperature, "threshold": candidate.threshold,
                                      "target_fpr": cfg.target_fpr, "counts": calib_set.counts()}
     save(candidate, out / "model.safetensors")
+    seconds["calibrate"] = time.perf_counter() - began - sum(seconds.values())
     evaluation = evaluate(candidate, scan_folders([val], candidate.labels), out / "val", robustness=False,
                           samples=False)
     record = {
         "current": str(current), "current_id": sha256_file(current),
         "candidate": str(out / "model.safetensors"), "candidate_id": sha256_file(out / "model.safetensors"),
-        "epochs": epochs, "lr": cfg.lr, "repeats": repeats, "replay": [str(p) for p in pool],
+        "epochs": epochs, "lr": cfg.lr, "repeats": repeats, "weight_of_new": alpha, "replay_val_auc": kept, "replay": [str(p) for p in pool],
         "replay_per_class": replay_per_class, "calibration": calib_set.counts(),
         "trained_on": [_public(r) for r in train_rows], "held_out": [_public(r) for r in held],
         "seconds": round(time.perf_counter() - began, 1),
+        "phases": {k: round(v, 1) for k, v in seconds.items()},
     }
     write_json(out / ADAPT_FILE, record)
     write_model_card(candidate, out / "MODEL_CARD.md", evaluation)
     _card_section(out / "MODEL_CARD.md", record, candidate)
     return record
+
+
+def _keep_the_old(current: Classifier, tuned: Classifier, replay_val: list[Path]) -> tuple[float, dict]:
+    """Mix the tuned weights back towards the current ones (weight-space ensembling,
+    Wortsman et al. 2022, "WiSE-FT"): the largest share of the tuned weights, of
+    ALPHAS, whose AI-vs-human AUC on replay validation images (the old sources,
+    never trained on here) falls by at most OLD_AUC_SLACK.  Fine-tuning on a few
+    reviewed images otherwise forgets a little of every source it no longer sees.
+    ``tuned`` is left holding the mixed weights.  Returns (its share, the AUCs seen)."""
+    truth = np.array([Path(f).parent.name != current.human_label for f in replay_val])
+
+    def auc(model: Classifier) -> float:
+        # fp32, as trained: a mix is not worth a precision check of its own
+        return figures(np.ones(len(truth), bool), truth, _score(model, replay_val, "fp32"),
+                       None)["ai_vs_human_auc"]
+
+    old = {k: v.detach().clone() for k, v in current.state_dict().items()}
+    new = {k: v.detach().clone() for k, v in tuned.state_dict().items()}
+    seen = {"current": auc(current)}
+    for alpha in ALPHAS:
+        tuned.load_state_dict({k: alpha * new[k] + (1 - alpha) * old[k] if new[k].is_floating_point() else new[k]
+                               for k in new})
+        seen[str(alpha)] = auc(tuned)
+        if seen[str(alpha)] >= seen["current"] - OLD_AUC_SLACK:
+            break
+    return alpha, seen
 
 
 def _public(row: dict) -> dict:
@@ -205,9 +246,10 @@ def _card_section(card: Path, record: dict, model: Classifier) -> None:
     write_text(card, text)
 
 
-def _score(model: Classifier, paths: list) -> np.ndarray:
+def _score(model: Classifier, paths: list, precision: str | None = None) -> np.ndarray:
     """p_ai of each file (NaN where it could not be read)."""
-    return np.array([np.nan if p.p_ai is None else p.p_ai for p in predict(model, paths)], dtype=float)
+    return np.array([np.nan if p.p_ai is None else p.p_ai for p in predict(model, paths, precision=precision)],
+                    dtype=float)
 
 
 def reference_files(reference: list[str | os.PathLike], model: Classifier) -> tuple[list[str], np.ndarray]:

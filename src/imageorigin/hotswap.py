@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from .adapt import accepted, sha256_file
-from .model import Classifier, default_model_path, load
+from .model import Classifier, checkpoint_file, load
 from .predict import predict
 
 KEEP_PREVIOUS = 3  # models kept loaded for a rollback
@@ -49,15 +49,10 @@ class Served:
     since: float = field(default_factory=time.time)
 
 
-def checkpoint_path(model: str | os.PathLike) -> Path:
-    """The file behind ``model`` ("default" or a path; a symbolic link is followed)."""
-    return default_model_path() if str(model) == "default" else Path(model).resolve()
-
-
 def load_served(model: str | os.PathLike) -> Served:
     """Load ``model`` and warm it up on this thread: the first forward pass compiles
     its engine, which is slow, and no request should wait for it."""
-    path = checkpoint_path(model)
+    path = checkpoint_file(model)
     clf = load(path)
     list(predict(clf, [Image.new("RGB", (256, 256), (128, 96, 64))]))
     return Served(clf, sha256_file(path), str(path), weak_spots(path))
@@ -102,7 +97,7 @@ class Models:
         ValueError for a file that is not a checkpoint."""
         async with self.lock:
             began = time.perf_counter()
-            path = checkpoint_path(model)
+            path = checkpoint_file(model)
             if not path.is_file():
                 raise FileNotFoundError(f"{model}: no such checkpoint")
             model_id = await asyncio.to_thread(sha256_file, path)

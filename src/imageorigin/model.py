@@ -224,6 +224,11 @@ def default_model_path() -> Path:
     return Path(str(resources.files("imageorigin") / "models" / "default.safetensors"))
 
 
+def checkpoint_file(model: str | os.PathLike) -> Path:
+    """The file behind ``model`` ("default" or a path; a symbolic link is followed)."""
+    return default_model_path() if str(model) == "default" else Path(model).resolve()
+
+
 def load(model: str | os.PathLike = "default") -> Classifier:
     """Load a model: ``"default"``, an imageorigin ``.safetensors`` checkpoint, or a
     seed-format ``.pth`` (a torchvision DenseNet121 state dict with a 3-way classifier).
