@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -135,11 +136,16 @@ def poisoned(tmp_path_factory):
 def test_the_gate_refuses_poisoned_feedback(poisoned):
     record, result, root = poisoned
     assert len(record["trained_on"]) + len(record["held_out"]) == 50 and record["held_out"]
+    # the default runs fp32 (int8 changed its answers): its mix does too, without a check of its own
+    check = load(record["candidate"]).info["precision_check"]
+    assert check["precision"] == "fp32" and check["inherited_from"] == record["current_id"]
     card = (root / "candidate/MODEL_CARD.md").read_text()
     assert "## Feedback it learned from" in card and "marked by mallory" in card
     assert result["accepted"] is False
-    failed = {r["measure"] for r in result["rows"] if r["ok"] is False}
-    assert failed & {"reference AI-vs-human AUC", "reference humans flagged"}, result["rows"]
+    failed = [r["measure"] for r in result["rows"] if r["ok"] is False]
+    # it flags more of the reference's people, ranks worse, or could only learn the poison by forgetting
+    assert any(m.startswith(("reference AI-vs-human AUC", "reference humans flagged", "AUC on adapt's held-out"))
+               for m in failed), result["rows"]
     table = (root / "candidate/gate.md").read_text()
     assert table.startswith("# Gate: REFUSED") and "**FAIL**" in table
     ok, why = accepted(record["candidate"])
@@ -165,38 +171,41 @@ def test_hot_swap_under_load_with_rollback_and_sighup(poisoned, raw, tmp_path):
                 return err.code, json.loads(err.read())
 
         first = call("GET", "/v1/model")[1]["id"]
-        stop = time.monotonic() + 1e9
+        stop = threading.Event()
         seen, failures = [], []
 
         def client(i):
-            s = httpx.Client()  # a real HTTP client per thread, as 16 separate users would be
-            while time.monotonic() < stop:
-                name, data = images[i % len(images)]
-                r = s.post(url + "/v1/analyze", files={"files": (name, data)}, headers=AUTH, timeout=120)
-                if r.status_code != 200:
-                    failures.append(r.status_code)
-                else:
-                    seen.append((time.monotonic(), r.json()["results"][0]["model"]["id"]))
+            with httpx.Client() as s:  # a real HTTP client per thread, as 16 separate users would be
+                while not stop.is_set():
+                    name, data = images[i % len(images)]
+                    r = s.post(url + "/v1/analyze", files={"files": (name, data)}, headers=AUTH, timeout=120)
+                    if r.status_code != 200:
+                        failures.append(r.status_code)
+                    else:
+                        seen.append((time.monotonic(), r.json()["results"][0]["model"]["id"]))
 
-        with ThreadPoolExecutor(16) as pool:
-            futures = [pool.submit(client, i) for i in range(16)]
+        pool = ThreadPoolExecutor(16)
+        futures = [pool.submit(client, i) for i in range(16)]
+        try:
             time.sleep(3)
             # refused without a gate that accepted it: a 409 that says why, and nothing changes
             status, body = call("POST", "/v1/admin/deploy", {"path": candidate})
-            assert status == 409 and "the gate refused it" in body["error"]
+            assert status == 409 and "the gate refused it" in body["error"], body
             assert call("POST", "/v1/admin/deploy", {"path": str(tmp_path / "none.safetensors")})[0] == 404
             status, body = call("POST", "/v1/admin/deploy", {"path": candidate, "force": True})
-            assert status == 200 and body["outcome"] == "deployed" and body["previous"] == [first]
+            assert status == 200 and body["outcome"] == "deployed" and body["previous"] == [first], body
             swapped = time.monotonic()
             second = body["id"]
             time.sleep(3)
             status, body = call("POST", "/v1/admin/rollback")
-            assert status == 200 and body["id"] == first
+            assert status == 200 and body["id"] == first, body
             rolled = time.monotonic()
             time.sleep(3)
-            stop = time.monotonic()
-            for f in futures:
-                f.result()
+        finally:
+            stop.set()
+            pool.shutdown(wait=True)
+        for f in futures:
+            f.result()
         assert failures == [] and len(seen) > 50
         ids = [i for _, i in seen]
         assert second in ids and ids[-1] == first  # both answered, each result naming its model

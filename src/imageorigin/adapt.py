@@ -12,7 +12,9 @@ held out of training for the gate.
 the team keeps (class folders) and on those held-out reviewed images.  It is
 accepted only if the reference AI-vs-human AUC does not fall by more than
 ``max_auc_drop`` (0.005), the share of reference human images flagged does not
-rise, and the held-out reviewed images come out better (the mean probability of
+rise, the AUC on adapt's held-out replay images (the sources the model was
+trained on) does not fall, and the held-out reviewed
+images come out better (the mean probability of
 the reviewer's answer rises and no fewer of them get the reviewer's answer).
 The decision and its table are written beside the candidate (``gate.json``,
 ``gate.md``); the service deploys only a candidate whose gate accepted it.
@@ -37,6 +39,7 @@ from .data import LabelledFolder, scan_folders
 from .evaluate import figures
 from .feedback import FeedbackStore
 from .fileio import write_json, write_text
+from .engine import needs_check
 from .evaluate import evaluate
 from .model import Classifier, checkpoint_file, load, save
 from .report import write_model_card
@@ -46,9 +49,9 @@ from .train import train
 from .train_config import TrainConfig
 
 MAX_REPEATS = 5  # times a reviewed image is seen per epoch, at most
-# Shares of the tuned weights tried, most first, and how far the old sources' AUC may fall.
+# Shares of the tuned weights tried, most first: adapt keeps the first whose AUC on
+# the old sources does not fall.
 ALPHAS = (1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
-OLD_AUC_SLACK = 0.0
 GATE_FILE = "gate.json"
 ADAPT_FILE = "adapt.json"
 
@@ -148,6 +151,7 @@ def adapt(current: str | os.PathLike, feedback: str | os.PathLike | list[dict], 
         by_class.setdefault(model.labels[y], []).append(path)
     rng = random.Random(seed)
     shutil.rmtree(out / "data", ignore_errors=True)  # links of an earlier run in this folder
+    (out / GATE_FILE).unlink(missing_ok=True)  # and its gate's decision, which was not about this candidate
     data, val, calib = (out / "data" / part for part in ("train", "val", "calibration"))
     val_n, calib_ai = replay_per_class, calibration_humans // 4
     for cls, files in sorted(by_class.items()):
@@ -173,11 +177,19 @@ def adapt(current: str | os.PathLike, feedback: str | os.PathLike | list[dict], 
     seconds = {"data": time.perf_counter() - began}
     candidate = train(data, out, cfg, val=val, progress=progress)
     seconds["train"] = time.perf_counter() - began - sum(seconds.values())
-    alpha, kept = _keep_the_old(model, candidate, [f for f in sorted(val.glob("*/replay-*"))])
+    replay_val = sorted(val.glob("*/replay-*"))
+    alpha, kept = _keep_the_old(model, candidate, replay_val)
     seconds["mix"] = time.perf_counter() - began - sum(seconds.values())
     # Calibrated here, not in train: on many more humans than a split of this small set holds.
     calib_set = scan_folders([calib], candidate.labels)
-    calibrate(candidate, calib_set, cfg, progress)
+    # A model whose own check kept it in fp32 gives a mix of its weights that fp32 is
+    # right for too: the check (an int8 quantisation, 10-20 s) is not made again.
+    stored = model.info.get("precision_check")
+    inherit = not needs_check(stored) and stored["precision"] == "fp32"
+    calibrate(candidate, calib_set, cfg, progress, check=not inherit)
+    if inherit:
+        candidate.inference_precision = "fp32"
+        candidate.info["precision_check"] = {**stored, "inherited_from": sha256_file(current)}
     candidate.info["calibration"] = {"temperature": candidate.temperature, "threshold": candidate.threshold,
                                      "target_fpr": cfg.target_fpr, "counts": calib_set.counts()}
     save(candidate, out / "model.safetensors")
@@ -187,7 +199,8 @@ def adapt(current: str | os.PathLike, feedback: str | os.PathLike | list[dict], 
     record = {
         "current": str(current), "current_id": sha256_file(current),
         "candidate": str(out / "model.safetensors"), "candidate_id": sha256_file(out / "model.safetensors"),
-        "epochs": epochs, "lr": cfg.lr, "repeats": repeats, "weight_of_new": alpha, "replay_val_auc": kept, "replay": [str(p) for p in pool],
+        "epochs": epochs, "lr": cfg.lr, "repeats": repeats, "weight_of_new": alpha, "replay_val_auc": kept,
+        "replay_val": [str(f) for f in replay_val], "replay": [str(p) for p in pool],
         "replay_per_class": replay_per_class, "calibration": calib_set.counts(),
         "trained_on": [_public(r) for r in train_rows], "held_out": [_public(r) for r in held],
         "seconds": round(time.perf_counter() - began, 1),
@@ -203,26 +216,34 @@ def _keep_the_old(current: Classifier, tuned: Classifier, replay_val: list[Path]
     """Mix the tuned weights back towards the current ones (weight-space ensembling,
     Wortsman et al. 2022, "WiSE-FT"): the largest share of the tuned weights, of
     ALPHAS, whose AI-vs-human AUC on replay validation images (the old sources,
-    never trained on here) falls by at most OLD_AUC_SLACK.  Fine-tuning on a few
-    reviewed images otherwise forgets a little of every source it no longer sees.
+    never trained on here) does not fall; if none, the last, which the gate then
+    refuses.  Fine-tuning on a few reviewed images otherwise forgets a little of
+    every source it no longer sees.
     ``tuned`` is left holding the mixed weights.  Returns (its share, the AUCs seen)."""
-    truth = np.array([Path(f).parent.name != current.human_label for f in replay_val])
-
-    def auc(model: Classifier) -> float:
-        # fp32, as trained: a mix is not worth a precision check of its own
-        return figures(np.ones(len(truth), bool), truth, _score(model, replay_val, "fp32"),
-                       None)["ai_vs_human_auc"]
-
     old = {k: v.detach().clone() for k, v in current.state_dict().items()}
     new = {k: v.detach().clone() for k, v in tuned.state_dict().items()}
-    seen = {"current": auc(current)}
+    seen = {"current": _auc_on(current, replay_val)}
     for alpha in ALPHAS:
         tuned.load_state_dict({k: alpha * new[k] + (1 - alpha) * old[k] if new[k].is_floating_point() else new[k]
                                for k in new})
-        seen[str(alpha)] = auc(tuned)
-        if seen[str(alpha)] >= seen["current"] - OLD_AUC_SLACK:
+        seen[str(alpha)] = _auc_on(tuned, replay_val)
+        if seen[str(alpha)] >= seen["current"]:
             break
     return alpha, seen
+
+
+def _auc_on(model: Classifier, files: list) -> float:
+    """AI-vs-human AUC on files in class folders (replay links), of the uncalibrated
+    scores (temperature 1, fp32 as trained): the same figure in adapt's mixing,
+    before the temperature is fitted, and in the gate, after (with three classes
+    the temperature can move the AUC a little)."""
+    truth = np.array([Path(f).parent.name != model.human_label for f in files])
+    fitted, model.temperature = model.temperature, 1.0
+    try:
+        p = _score(model, files, "fp32")
+    finally:
+        model.temperature = fitted
+    return figures(np.ones(len(truth), bool), truth, p, None)["ai_vs_human_auc"]
 
 
 def _public(row: dict) -> dict:
@@ -270,8 +291,11 @@ def gate(candidate: str | os.PathLike, current: str | os.PathLike, reference: li
     """
     began = time.perf_counter()
     cand_path = Path(candidate)
-    if held_out is None and (cand_path.parent / ADAPT_FILE).is_file():
-        held_out = json.loads((cand_path.parent / ADAPT_FILE).read_text())["held_out"]
+    record = json.loads((cand_path.parent / ADAPT_FILE).read_text()) \
+        if (cand_path.parent / ADAPT_FILE).is_file() else {}
+    if held_out is None:
+        held_out = record.get("held_out")
+    old = [f for f in record.get("replay_val", []) if Path(f).is_file()]  # adapt's replay images, never trained on
     held_out = held_out or []
     models = {"current": load(current), "candidate": load(candidate)}
     files, truth = reference_files(reference, models["current"])
@@ -285,7 +309,8 @@ def gate(candidate: str | os.PathLike, current: str | os.PathLike, reference: li
         f = figures(np.ones(ok.sum(), bool), truth[ok], p[ok], m.threshold)
         q = _score(m, [r["path"] for r in held_out]) if held_out else np.array([])
         right = np.where(reviewed_ai, q, 1 - q)  # the probability of the reviewer's answer
-        got[name] = {"auc": f["ai_vs_human_auc"], "humans_flagged": f["human_flagged_rate"],
+        old_auc = _auc_on(m, old) if old else None
+        got[name] = {"auc": f["ai_vs_human_auc"], "humans_flagged": f["human_flagged_rate"], "old_auc": old_auc,
                      "ai_detected": f["ai_detected_rate"],
                      "reviewed_right": float(np.mean((q >= m.threshold) == reviewed_ai)) if held_out else None,
                      "reviewed_p": float(np.nanmean(right)) if held_out else None}
@@ -297,6 +322,10 @@ def gate(candidate: str | os.PathLike, current: str | os.PathLike, reference: li
              new["humans_flagged"] <= cur["humans_flagged"]),
         _row("reference AI detected", cur["ai_detected"], new["ai_detected"], "(for information)", None),
     ]
+    if old:  # what adapt mixed for: a candidate that could not learn without forgetting is refused
+        rows.append(_row(f"AUC on adapt's held-out replay images (of {len(old)}; the old sources)",
+                         cur["old_auc"], new["old_auc"], "does not fall",
+                         new["old_auc"] >= cur["old_auc"]))
     if held_out:
         rows += [
             _row(f"held-out reviewed images given the reviewer's answer (of {len(held_out)})",

@@ -461,7 +461,10 @@ def check_outcome(check: dict) -> str:
 
     chosen = check["precision"]
     others = [said(p) for p in ("int8", "bf16") if p != chosen]
-    return f"{chosen}: " + "; ".join(([said(chosen)] if chosen != "fp32" else []) + others)
+    words = f"{chosen}: " + "; ".join(([said(chosen)] if chosen != "fp32" else []) + others)
+    if check.get("inherited_from"):  # imageorigin adapt kept the fp32 of the model it started from
+        words += f" (checked on the model it was adapted from, {check['inherited_from'][:12]})"
+    return words
 
 
 def needs_check(check: dict | None) -> bool:

@@ -115,7 +115,9 @@ def errors(*codes: int) -> dict:
     meaning = {
         400: "no files in the request",
         401: "no API key, or a wrong one (the service runs with --api-key)",
+        404: "not found: no store (--store), no recent answer for that sha256, or no such checkpoint",
         408: "the request body did not arrive within the body timeout",
+        409: "refused: the candidate's gate did not accept it, or there is no model to roll back to",
         413: "the body or the number of files is over the server's limit",
         422: "the request is malformed, or none of the files could be read",
         429: "too many requests from this client (Retry-After says when to retry)",

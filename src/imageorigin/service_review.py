@@ -29,6 +29,7 @@ from .access import key_id
 from .feedback import LABELS, SHA256
 from .hotswap import Busy, Refused
 from .images import ImageDecodeError, decode_image
+from .schemas import errors
 
 ANSWERS_KEPT = 10_000
 
@@ -57,7 +58,7 @@ def review_routes(app: FastAPI, state: dict, limits) -> None:
             raise HTTPException(404, "this service keeps no feedback: start it with --store DIR")
         return state["store"]
 
-    @app.post("/v1/feedback", status_code=201)
+    @app.post("/v1/feedback", status_code=201, responses=errors(401, 404, 413, 422, 429, 503))
     async def feedback(request: Request,
                        label: str = Form(..., description="the reviewer's answer: human or ai"),
                        reviewer: str = Form(..., min_length=1, max_length=100, description="who reviewed it"),
@@ -87,20 +88,20 @@ def review_routes(app: FastAPI, state: dict, limits) -> None:
                "label": label, "generator": generator or None, "note": note or None, **answer}
         return await asyncio.to_thread(kept.add, row, data)
 
-    @app.get("/v1/feedback")
+    @app.get("/v1/feedback", responses=errors(401, 404, 429, 503))
     async def list_feedback(sha256: str | None = Query(None), limit: int = Query(500, ge=1, le=10_000)):
         """The stored marks, newest last (of one image with ``sha256``)."""
         rows = await asyncio.to_thread(store().rows, sha256)
         return {"feedback": rows[-limit:], "total": len(rows)}
 
-    @app.delete("/v1/feedback/{sha256}")
+    @app.delete("/v1/feedback/{sha256}", responses=errors(401, 404, 422, 429, 503))
     async def delete_feedback(sha256: str):
         """Remove every mark of an image and its kept bytes."""
         if not SHA256.match(sha256):
             raise HTTPException(422, "sha256 must be 64 lower-case hex digits")
         return await asyncio.to_thread(store().delete, sha256)
 
-    @app.post("/v1/admin/deploy")
+    @app.post("/v1/admin/deploy", responses=errors(401, 404, 409, 422, 429, 503))
     async def deploy(request: Request, body: Deploy):
         """Swap in a checkpoint (loaded and warmed while the current one answers).
         Refused (409) unless its gate accepted it or it has answered here before."""
@@ -114,7 +115,7 @@ def review_routes(app: FastAPI, state: dict, limits) -> None:
         except Exception as err:  # noqa: BLE001 - not a checkpoint: the current model goes on answering
             raise HTTPException(422, f"{body.path}: could not be loaded: {err}")
 
-    @app.post("/v1/admin/rollback")
+    @app.post("/v1/admin/rollback", responses=errors(401, 409, 429, 503))
     async def rollback(request: Request):
         """Answer with the model before the current one again."""
         try:
@@ -122,7 +123,7 @@ def review_routes(app: FastAPI, state: dict, limits) -> None:
         except Refused as err:
             raise HTTPException(409, str(err))
 
-    @app.get("/v1/admin/deployments")
+    @app.get("/v1/admin/deployments", responses=errors(401, 429, 503))
     async def deployments():
         """Which model answered from when (kept in the store; this run's only, without one)."""
         models = _models(state)

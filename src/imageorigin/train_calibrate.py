@@ -74,9 +74,10 @@ def head_on(model: Classifier, feats: torch.Tensor, y: torch.Tensor):
 
 
 def calibrate(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, progress: bool,
-               head_logits=None) -> None:
+               head_logits=None, check: bool = True) -> None:
     """Fit the temperature and the AI-vs-human threshold on held-out training data,
-    and check whether the model may run in bf16 (:func:`imageorigin.engine.check_precision`)."""
+    and (``check``) whether the model may run in int8 or bf16
+    (:func:`imageorigin.engine.check_precision`)."""
     logits, y = head_logits(folder)() if head_logits else _logits(model, folder, cfg, progress)
     model.temperature = fit_temperature(logits, y)
     if model.human_index is not None and (y == model.human_index).any():
@@ -102,6 +103,8 @@ def calibrate(model: Classifier, folder: LabelledFolder, cfg: TrainConfig, progr
                 print(f"imageorigin: warning: {note}", file=sys.stderr)
         # Other operating points, for a moderator who wants fewer false accusations.
         model.info["thresholds_at_fpr"] = {str(f): max(cuts[f].values()) for f in (0.01, 0.02, 0.05, 0.1)}
+    if not check:
+        return
     # bf16 doubles CPU speed, but only some models give the fp32 answers in it.
     images = stack_images([image for _, x, _, _ in batches(
         ImageDataset([p for p, _ in folder.samples[:256]], model.transform),
