@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from conftest import SHARED
 from serving import serve_process
 from imageorigin.adapt import accepted, adapt, class_of, gate, split_reviewed
+from imageorigin.cli import main
 from imageorigin.feedback import FeedbackStore
 from imageorigin.model import default_model_path, load
 from imageorigin.service import Limits, create_app
@@ -150,6 +151,15 @@ def test_the_gate_refuses_poisoned_feedback(poisoned):
     assert table.startswith("# Gate: REFUSED") and "**FAIL**" in table
     ok, why = accepted(record["candidate"])
     assert not ok and "the gate refused it" in why
+
+
+def test_the_gate_command_prints_its_table_and_exits_1_when_refused(poisoned, capsys):
+    record, result, root = poisoned
+    code = main(["gate", record["candidate"], "--current", "default", "--reference", str(root / "reference")])
+    out = capsys.readouterr().out
+    assert code == 1 and out.startswith("# Gate: REFUSED") and "| reference humans flagged |" in out
+    again = json.loads((root / "candidate/gate.json").read_text())  # rewritten by the command: the same decision
+    assert [(r["measure"], r["ok"]) for r in again["rows"]] == [(r["measure"], r["ok"]) for r in result["rows"]]
 
 
 def test_hot_swap_under_load_with_rollback_and_sighup(poisoned, raw, tmp_path):
